@@ -1,0 +1,5 @@
+"""``python -m histoduo`` runs the CLI."""
+
+from histoduo.cli import app
+
+app()

@@ -1,0 +1,55 @@
+"""Shared fixtures: small synthetic slides made by histoduo's own generator."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REAL_SLIDE = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "CMU-1-Small-Region.svs"
+)
+
+
+@pytest.fixture(scope="session")
+def real_slide() -> Path:
+    if not REAL_SLIDE.exists():
+        pytest.skip(f"real test slide not present at {REAL_SLIDE}")
+    return REAL_SLIDE
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("synthetic")
+
+
+def _write(folder: Path, name: str, **spec_kwargs):  # noqa: ANN202
+    from histoduo.synthetic import SyntheticSlideSpec, write_synthetic_slide
+
+    spec = SyntheticSlideSpec(**{"width_px": 3072, "height_px": 2048, **spec_kwargs})
+    return write_synthetic_slide(folder / name, spec, workers=1)
+
+
+@pytest.fixture(scope="session")
+def svs_slide(synth_dir: Path):  # noqa: ANN201
+    """A 3072 x 2048 px, 40x (0.25 um/px) Aperio-style SVS with levels 1, 4, 16."""
+    return _write(synth_dir, "svs_a.svs", seed=11)
+
+
+@pytest.fixture(scope="session")
+def svs_slide_b(synth_dir: Path):  # noqa: ANN201
+    return _write(synth_dir, "svs_b.svs", seed=12)
+
+
+@pytest.fixture(scope="session")
+def tiff_slide(synth_dir: Path):  # noqa: ANN201
+    """A generic tiled TIFF (levels as pages) with resolution tags in centimetres."""
+    return _write(synth_dir, "tiff_a.tiff", seed=13, format="tiff")
+
+
+@pytest.fixture(scope="session")
+def no_mpp_slide(synth_dir: Path):  # noqa: ANN201
+    return _write(synth_dir, "nompp.svs", seed=14, width_px=1024, height_px=1024, write_mpp=False)
