@@ -1,0 +1,16 @@
+"""The ``histoduo`` command line: option parsing only; the work lives in library modules.
+
+Each command family is a module here that registers its commands on ``app``; heavy libraries
+(torch, timm, openslide) are imported inside the commands so ``histoduo --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+# Importing the command modules registers their commands on ``app``.
+from histoduo.cli import (
+    slides,  # noqa: E402,F401
+    tissue,  # noqa: E402,F401
+)
+from histoduo.cli._app import app
+
+__all__ = ["app"]

@@ -1,0 +1,78 @@
+"""Option types shared by several commands, so each flag means the same everywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+SlideInputs = Annotated[
+    list[str],
+    typer.Argument(
+        help="Slide files, folders (searched recursively), glob patterns, or a slide CSV "
+        "(columns: path[,mpp]).",
+        show_default=False,
+    ),
+]
+Backend = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        help="Slide reader: auto (tiffslide for JPEG SVS, OpenSlide otherwise), openslide, "
+        "tiffslide.",
+    ),
+]
+SlideMpp = Annotated[
+    float | None,
+    typer.Option(
+        "--slide-mpp",
+        help="Override the slides' own level-0 resolution (um/px), e.g. for files without it.",
+        show_default=False,
+    ),
+]
+TargetMpp = Annotated[
+    float | None,
+    typer.Option(
+        "--mpp",
+        help="Target resolution of the tiles in um/px (default 0.5 = 20x).",
+        show_default=False,
+    ),
+]
+TargetMag = Annotated[
+    float | None,
+    typer.Option(
+        "--mag",
+        help="Target magnification instead of --mpp (mpp = 10 / mag).",
+        show_default=False,
+    ),
+]
+SkipErrors = Annotated[
+    bool,
+    typer.Option(
+        "--skip-errors", help="Record failing slides in the report and go on with the rest."
+    ),
+]
+Overwrite = Annotated[
+    bool, typer.Option("--overwrite", help="Redo finished work instead of skipping it.")
+]
+Shard = Annotated[
+    str | None,
+    typer.Option(
+        "--shard",
+        help="Process only shard K of N (e.g. 2/8), a stable subset by slide name, so N "
+        "independent jobs share a cohort.",
+        show_default=False,
+    ),
+]
+Workers = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        help="Worker processes (default: CPU count; 0 = in-process).",
+        show_default=False,
+    ),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+JsonOutput = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+OutFile = Annotated[Path, typer.Option("--out", "-o", help="Output file.")]
