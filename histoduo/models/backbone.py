@@ -1,0 +1,81 @@
+"""timm CNN backbones in ``features_only`` mode, and their input normalisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from histoduo._torchcompat import import_timm
+from histoduo.models.config import ModelConfig
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """One selected backbone level: its ``feature_info`` index, channels and stride (px)."""
+
+    index: int
+    channels: int
+    stride_px: int
+
+
+def feature_levels(backbone_name: str) -> list[StageInfo]:
+    """All levels a timm CNN offers with ``features_only`` (built on the meta device: cheap)."""
+    import torch
+
+    timm = import_timm()
+    with torch.device("meta"):
+        model = timm.create_model(backbone_name, features_only=True, pretrained=False)
+    info = model.feature_info
+    return [StageInfo(i, c, r) for i, (c, r) in enumerate(zip(info.channels(), info.reduction()))]
+
+
+def resolve_stages(config: ModelConfig, levels: list[StageInfo]) -> tuple[int, ...]:
+    """The ``out_indices`` a config asks for: explicit stages, or the last four levels."""
+    if config.arch != "duoformer":
+        return (len(levels) - 1,)
+    if config.stages is None:
+        return tuple(s.index for s in levels[-4:])
+    stages = tuple(config.stages)
+    if not stages:
+        raise ValueError("stages is empty: select at least one backbone level")
+    bad = [s for s in stages if not 0 <= s < len(levels)]
+    if bad:
+        raise ValueError(
+            f"stages {bad} do not exist in {config.backbone}, which has feature levels "
+            f"0..{len(levels) - 1} (strides {[s.stride_px for s in levels]})"
+        )
+    if list(stages) != sorted(set(stages)):
+        raise ValueError(f"stages must be increasing and distinct, got {list(stages)}")
+    return stages
+
+
+def create_backbone(
+    config: ModelConfig, out_indices: tuple[int, ...], *, pretrained: bool = False
+) -> nn.Module:
+    """The timm ``features_only`` model; returns a list of maps, one per out index."""
+    timm = import_timm()
+    return timm.create_model(
+        config.backbone,
+        features_only=True,
+        out_indices=out_indices,
+        pretrained=pretrained,
+        in_chans=config.in_chans,
+    )
+
+
+def input_normalization(
+    backbone_name: str,
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the backbone expects on 0-1 RGB input: timm's pretrained cfg, else ImageNet."""
+    timm = import_timm()
+    try:
+        cfg = timm.models.get_pretrained_cfg(backbone_name)
+    except Exception:  # unknown tag or no cfg: the ImageNet default is the sane fallback
+        cfg = None
+    mean = tuple(float(v) for v in getattr(cfg, "mean", None) or IMAGENET_MEAN)
+    std = tuple(float(v) for v in getattr(cfg, "std", None) or IMAGENET_STD)
+    return mean, std

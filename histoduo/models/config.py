@@ -1,0 +1,97 @@
+"""The model configuration: one JSON-able dataclass that travels inside checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Arch = Literal["duoformer", "resnet", "hybrid"]
+ScaleToken = Literal["learned", "conv", "first", "mean"]
+PatchBlock = Literal["faithful", "prenorm"]
+BlockOrder = Literal["sequential", "interleaved"]
+
+ARCHS: tuple[str, ...] = ("duoformer", "resnet", "hybrid")
+SCALE_TOKENS: tuple[str, ...] = ("learned", "conv", "first", "mean")
+PATCH_BLOCKS: tuple[str, ...] = ("faithful", "prenorm")
+BLOCK_ORDERS: tuple[str, ...] = ("sequential", "interleaved")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a histoduo classifier; defaults are the authors' best DuoFormer run.
+
+    ``stages`` are indices into the backbone's timm ``feature_info`` (its ``out_indices``);
+    ``None`` means the last four levels, which for ResNets is (1, 2, 3, 4) = S0-S3 (strides
+    4, 8, 16, 32). The ``resnet`` and ``hybrid`` baselines always use the last level.
+
+    The ``hybrid`` baseline reuses ``patch_depth``/``patch_heads`` for its ViT blocks (they
+    attend across patches); the scale-attention fields apply to ``duoformer`` only.
+
+    ``backbone_weights``: ``None``/"none" (random init), "timm" (hub download) or a path to a
+    local ``.safetensors``/``.pth``/``.pt`` file in timm or torchvision key layout.
+    """
+
+    arch: Arch = "duoformer"
+    backbone: str = "resnet50"
+    num_classes: int = 3
+    input_size_px: int = 224
+    in_chans: int = 3
+    stages: tuple[int, ...] | None = None
+    patch_size_px: int = 32
+    embed_dim: int = 768
+    scale_depth: int = 8
+    scale_heads: int = 8
+    patch_depth: int = 8
+    patch_heads: int = 8
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    drop_path: float = 0.0
+    scale_token: ScaleToken = "learned"
+    patch_block: PatchBlock = "faithful"
+    block_order: BlockOrder = "sequential"
+    patch_attention: bool = True
+    backbone_weights: str | None = None
+    freeze_backbone: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, kept verbatim
+
+    def __post_init__(self) -> None:
+        if self.stages is not None:
+            self.stages = tuple(int(s) for s in self.stages)
+        for name, value, allowed in (
+            ("arch", self.arch, ARCHS),
+            ("scale_token", self.scale_token, SCALE_TOKENS),
+            ("patch_block", self.patch_block, PATCH_BLOCKS),
+            ("block_order", self.block_order, BLOCK_ORDERS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+        for name in ("num_classes", "input_size_px", "in_chans", "patch_size_px", "embed_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("dropout", "attn_dropout", "drop_path"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.backbone_weights in ("", "none", "None"):
+            self.backbone_weights = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists)."""
+        data = dataclasses.asdict(self)
+        if data["stages"] is not None:
+            data["stages"] = list(data["stages"])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error (they mean a newer format)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """Copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,44 @@
+"""``histoduo model-info`` from flags and from a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import torch
+from typer.testing import CliRunner
+
+from histoduo.cli import app
+from histoduo.models import ModelConfig
+
+SMALL = [
+    "--backbone", "resnet18", "--embed-dim", "32", "--scale-depth", "1", "--patch-depth", "1",
+    "--scale-heads", "2", "--patch-heads", "2", "--input-size", "64",
+]  # fmt: skip
+
+
+def test_model_info_flags_json() -> None:
+    result = CliRunner().invoke(app, ["model-info", *SMALL, "--json", "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["info"]["tokens_per_patch"] == 86
+    assert data["info"]["activation_bytes"] > 0
+    assert data["config"]["backbone"] == "resnet18"
+
+
+def test_model_info_checkpoint_table(tmp_path) -> None:
+    config = ModelConfig(arch="hybrid", backbone="resnet18", embed_dim=32, patch_depth=1,
+                         patch_heads=2, input_size_px=64)  # fmt: skip
+    path = tmp_path / "model.pt"
+    torch.save({"model_config": config.to_dict(), "state_dict": {}}, path)
+    result = CliRunner().invoke(app, ["model-info", "--checkpoint", str(path), "--no-memory"])
+    assert result.exit_code == 0, result.output
+    assert "hybrid" in result.output and "GFLOPs" in result.output
+
+
+def test_model_info_invalid_config_fails_cleanly() -> None:
+    result = CliRunner().invoke(app, ["model-info", *SMALL, "--patch-size", "24"])
+    assert result.exit_code == 1
+    assert "not a multiple" in result.output
