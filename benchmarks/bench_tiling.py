@@ -92,7 +92,7 @@ def _reference(path: Path, coords: np.ndarray, size0: int, tile_px: int, out: Pa
 
 
 def _read_only(task: tuple[str, np.ndarray, int, int]) -> int:
-    from histoduo.tiling import read_tile
+    from histoduo.tileio import read_tile
 
     path, coords, size0, tile_px = task
     from histoduo.slide import open_slide

@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 
 from histoduo import __version__
+from histoduo.tileio import decode_jpeg, encode_jpeg  # noqa: F401 - encode_jpeg re-exported
 
 FORMAT_NAME = "histoduo-tilestore"
 FORMAT_VERSION = 1
@@ -44,19 +45,6 @@ class StoreError(Exception):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{path}: {reason}")
-
-
-def encode_jpeg(tile: np.ndarray, quality: int) -> np.ndarray:
-    """JPEG bytes of an RGB tile, as the uint8 array HDF5 stores."""
-    import imagecodecs
-
-    return np.frombuffer(imagecodecs.jpeg8_encode(tile, level=quality), dtype=np.uint8)
-
-
-def decode_jpeg(data: np.ndarray | bytes) -> np.ndarray:
-    import imagecodecs
-
-    return imagecodecs.jpeg8_decode(bytes(data) if isinstance(data, np.ndarray) else data)
 
 
 def group_key(name: str) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from histoduo import tileio
 from histoduo.slide import Slide, SlideError, mpp_to_magnification, open_slide
 from histoduo.sources import SlideSource
 from histoduo.store import (
@@ -30,13 +31,13 @@ from histoduo.store import (
     StoreError,
     assemble_store,
     complete_slides,
-    encode_jpeg,
     group_key,
 )
+from histoduo.tileio import read_tile  # noqa: F401 - part of this module's API
 from histoduo.tissue import TissueMask, TissueParams, detect_tissue
 
 ENCODINGS = ("jpeg", "raw")
-_CHUNK_TILES = 32
+_CHUNK_TILES = 16  # small enough that the last chunks balance across workers
 
 
 @dataclass(frozen=True)
@@ -204,56 +205,33 @@ def plan_tiles(
     return grid[keep], fractions[keep].astype(np.float32)
 
 
-# --- worker side ---------------------------------------------------------------------------
-
-_worker_slides: dict[tuple[str, str, float | None], Slide] = {}
-
-
-@dataclass(frozen=True)
-class _ChunkTask:
-    slide_path: str
-    backend: str
-    mpp_override: float | None
-    coords: np.ndarray
-    size_level0: int
-    tile_size_px: int
-    encoding: str
-    jpeg_quality: int
-
-
-def _worker_slide(task: _ChunkTask) -> Slide:
-    """The worker's own handle on the slide (never inherited from the parent)."""
-    key = (task.slide_path, task.backend, task.mpp_override)
-    slide = _worker_slides.get(key)
-    if slide is None:
-        for old in _worker_slides.values():
-            old.close()
-        _worker_slides.clear()
-        slide = open_slide(task.slide_path, task.backend, task.mpp_override)
-        _worker_slides[key] = slide
-    return slide
-
-
-def read_tile(slide: Slide, xy0: Sequence[int], size_level0: int, tile_size_px: int) -> np.ndarray:
-    """One tile: the level-0 square at ``xy0`` resampled to ``tile_size_px``."""
-    return slide.read_resized(
-        (int(xy0[0]), int(xy0[1])), (size_level0, size_level0), (tile_size_px, tile_size_px)
-    )
-
-
-def _read_chunk(task: _ChunkTask) -> list[np.ndarray] | np.ndarray:
-    slide = _worker_slide(task)
-    tiles = [read_tile(slide, xy, task.size_level0, task.tile_size_px) for xy in task.coords]
-    if task.encoding == "jpeg":
-        return [encode_jpeg(t, task.jpeg_quality) for t in tiles]
-    return np.stack(tiles) if tiles else np.empty((0, task.tile_size_px, task.tile_size_px, 3))
+# --- worker pool ---------------------------------------------------------------------------
 
 
 def _pool_context() -> mp.context.BaseContext:
     # forkserver: workers start from a clean process, never a fork of a parent that holds
-    # open slide or HDF5 handles; spawn where forkserver does not exist.
-    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-    return mp.get_context(method)
+    # open slide or HDF5 handles; spawn where forkserver does not exist. The server imports
+    # the worker module once, so each worker starts without paying for tiffslide's imports.
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["histoduo.tileio"])
+        return ctx
+    return mp.get_context("spawn")
+
+
+def open_overview(path: str | Path, backend: str, mpp_override: float | None) -> Slide:
+    """The slide as the parent process needs it: metadata and a low-resolution read.
+
+    With ``auto``, OpenSlide: it opens in milliseconds, while tiffslide (faster at decoding
+    the many level-0 tiles the workers read) costs a second of imports. Any file OpenSlide
+    does not take falls back to the normal choice.
+    """
+    if backend == "auto":
+        try:
+            return open_slide(path, "openslide", mpp_override)
+        except SlideError:
+            pass
+    return open_slide(path, backend, mpp_override)
 
 
 def default_workers() -> int:
@@ -386,7 +364,7 @@ def tile_slides(
                     bars.slide_done()
                     continue
                 if pool is None and workers > 0 and not params.dry_run:
-                    pool = _pool_context().Pool(workers)
+                    pool = _pool_context().Pool(workers, initializer=tileio.warm_up)
                 started = time.perf_counter()
                 try:
                     result = _tile_one_slide(
@@ -509,7 +487,7 @@ def _tile_one_slide(
     bars: _Progress,
 ) -> SlideResult:
     started = time.perf_counter()
-    with open_slide(source.path, backend, source.mpp) as slide:
+    with open_overview(source.path, backend, source.mpp) as slide:
         geometry = TileGeometry.for_slide(slide, params)
         mask = detect_tissue(slide, params.tissue)
         width0, height0 = slide.dimensions
@@ -614,7 +592,7 @@ def _tile_blocks(
     pool: Any,
 ) -> Iterator[list[np.ndarray] | np.ndarray]:
     tasks = (
-        _ChunkTask(
+        tileio.ChunkTask(
             str(source.path),
             backend,
             source.mpp,
@@ -626,17 +604,14 @@ def _tile_blocks(
         )
         for start in range(0, len(coords), _CHUNK_TILES)
     )
+    if pool is not None:
+        yield from pool.imap(tileio.read_chunk, tasks)
+        return
     try:
-        if pool is None:
-            for task in tasks:
-                yield _read_chunk(task)
-            return
-        yield from pool.imap(_read_chunk, tasks)
+        for task in tasks:
+            yield tileio.read_chunk(task)
     finally:
-        if pool is None:
-            for slide in _worker_slides.values():
-                slide.close()
-            _worker_slides.clear()
+        tileio.close_cached_slide()
 
 
 # --- labels from annotations ---------------------------------------------------------------
