@@ -9,6 +9,7 @@ from __future__ import annotations
 # Importing the command modules registers their commands on ``app``.
 from histoduo.cli import (
     models,  # noqa: E402,F401
+    predict,  # noqa: E402,F401
     slides,  # noqa: E402,F401
     tissue,  # noqa: E402,F401
 )

@@ -1,0 +1,90 @@
+"""The slide-level grade rule on constructed probabilities (deterministic)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from histoduo.checkpoint import ClassRoles
+from histoduo.grading import NO_TUMOUR, GradeParams, grade_slide
+
+CLASSES = ["normal", "low_grade", "high_grade", "necrosis"]
+ROLES = ClassRoles.infer(CLASSES)
+
+
+def _probs(counts: dict[str, int], p: float = 0.9) -> np.ndarray:
+    """Tiles whose most probable class is given by ``counts``; that class gets ``p``."""
+    rows = []
+    for name, n in counts.items():
+        row = np.full(len(CLASSES), (1 - p) / (len(CLASSES) - 1))
+        row[CLASSES.index(name)] = p
+        rows += [row] * n
+    return np.array(rows, dtype=np.float32)
+
+
+def test_roles_order_grades_low_to_high() -> None:
+    assert ROLES.grades == ["low_grade", "high_grade"]
+    assert ROLES.necrosis == ["necrosis"] and ROLES.normal == ["normal"]
+
+
+def test_high_grade_focus_above_threshold_decides() -> None:
+    probs = _probs({"normal": 50, "low_grade": 90, "high_grade": 10})  # 10 % of tumour
+    result = grade_slide(probs, CLASSES, ROLES, GradeParams(min_grade_fraction=0.05))
+    assert result.call == "high_grade"
+    assert result.grade_fractions["high_grade"] == pytest.approx(0.1)
+    assert result.confidence == pytest.approx(0.9, abs=1e-6)
+    assert "highest grade" in result.reason
+
+
+def test_high_grade_below_area_threshold_does_not_decide() -> None:
+    probs = _probs({"low_grade": 196, "high_grade": 4})  # 2 % of tumour, 4 tiles
+    result = grade_slide(probs, CLASSES, ROLES, GradeParams(min_grade_fraction=0.05))
+    assert result.call == "low_grade"
+
+
+def test_high_grade_below_tile_minimum_does_not_decide() -> None:
+    probs = _probs({"low_grade": 10, "high_grade": 2})  # 17 % of tumour but only 2 tiles
+    assert grade_slide(probs, CLASSES, ROLES, GradeParams(min_grade_tiles=3)).call == "low_grade"
+    assert grade_slide(probs, CLASSES, ROLES, GradeParams(min_grade_tiles=2)).call == "high_grade"
+
+
+def test_overlap_scales_tile_minimum() -> None:
+    # With stride = tile / 2 every point is seen by 4 tiles: 8 tiles are 2 tiles' area.
+    probs = _probs({"low_grade": 100, "high_grade": 8})
+    params = GradeParams(min_grade_tiles=3)
+    assert grade_slide(probs, CLASSES, ROLES, params, tiles_per_area=1.0).call == "high_grade"
+    assert grade_slide(probs, CLASSES, ROLES, params, tiles_per_area=4.0).call == "low_grade"
+
+
+def test_no_tumour() -> None:
+    probs = _probs({"normal": 300, "necrosis": 40, "low_grade": 2})
+    result = grade_slide(probs, CLASSES, ROLES, GradeParams())
+    assert result.call == NO_TUMOUR
+    assert result.necrosis_fraction == pytest.approx(40 / 342)
+    assert result.confidence > 0.8
+
+
+def test_weights_are_area() -> None:
+    probs = _probs({"low_grade": 10, "high_grade": 10})
+    weights = np.r_[np.ones(10), np.full(10, 0.01)]  # high-grade tiles barely hold tissue
+    result = grade_slide(probs, CLASSES, ROLES, GradeParams(min_grade_fraction=0.05), weights)
+    assert result.call == "low_grade"
+    assert result.class_fractions["high_grade"] == pytest.approx(0.1 / 10.1)
+
+
+def test_thin_tumour_falls_back_to_dominant_grade() -> None:
+    probs = _probs({"normal": 100, "low_grade": 2, "high_grade": 1})
+    params = GradeParams(min_grade_tiles=3, min_tumour_tiles=3, min_tumour_fraction=0.0)
+    assert grade_slide(probs, CLASSES, ROLES, params).call == "low_grade"
+
+
+def test_single_tumour_class_and_validation() -> None:
+    names = ["normal", "cancer", "necrosis"]
+    roles = ClassRoles.infer(names)
+    probs = np.array([[0.1, 0.8, 0.1]] * 5 + [[0.8, 0.1, 0.1]] * 5)
+    assert grade_slide(probs, names, roles).call == "cancer"
+    with pytest.raises(ValueError):
+        grade_slide(probs[:, :2], names, roles)
+    with pytest.raises(ValueError):
+        GradeParams(min_grade_fraction=1.5)
+    assert grade_slide(np.zeros((0, 3)), names, roles).call == NO_TUMOUR
