@@ -214,7 +214,9 @@ def _pool_context() -> mp.context.BaseContext:
     # the worker module once, so each worker starts without paying for tiffslide's imports.
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["histoduo.tileio"])
+        ctx.set_forkserver_preload(
+            ["histoduo.tileio", "tiffslide", "openslide", "imagecodecs", "PIL.Image"]
+        )
         return ctx
     return mp.get_context("spawn")
 

