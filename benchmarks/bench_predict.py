@@ -144,8 +144,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None, help="default: predict's default")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--size", type=int, default=6144, help="slide side in level-0 px")
-    parser.add_argument("--memory-sizes", type=int, nargs=2, default=(4096, 8192))
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=16384,
+        help="slide side in level-0 px (small slides measure mostly one-off start-up)",
+    )
+    parser.add_argument("--memory-sizes", type=int, nargs=2, default=(8192, 16384))
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--cache", type=Path, default=Path("bench-out"))
     args = parser.parse_args()
