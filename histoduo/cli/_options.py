@@ -76,3 +76,6 @@ Workers = Annotated[
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 JsonOutput = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 OutFile = Annotated[Path, typer.Option("--out", "-o", help="Output file.")]
+MinTissue = Annotated[
+    float, typer.Option("--min-tissue", help="Minimum tissue fraction of a tile (0-1).")
+]

@@ -8,7 +8,15 @@ from typing import Annotated
 import typer
 
 from histoduo.cli._app import app, fail
-from histoduo.cli._options import Backend, Overwrite, Quiet, Shard, SkipErrors, SlideMpp
+from histoduo.cli._options import (
+    Backend,
+    MinTissue,
+    Overwrite,
+    Quiet,
+    Shard,
+    SkipErrors,
+    SlideMpp,
+)
 
 
 @app.command("predict")
@@ -53,9 +61,7 @@ def predict_command(
             show_default=False,
         ),
     ] = None,
-    min_tissue: Annotated[
-        float, typer.Option("--min-tissue", help="Minimum tissue fraction of a tile (0-1).")
-    ] = 0.25,
+    min_tissue: MinTissue = 0.25,
     tta: Annotated[bool, typer.Option("--tta", help="Average over flipped tiles (4x cost).")] = (
         False
     ),

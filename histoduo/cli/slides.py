@@ -12,6 +12,7 @@ from histoduo.cli._app import app, fail
 from histoduo.cli._options import (
     Backend,
     JsonOutput,
+    MinTissue,
     Overwrite,
     Quiet,
     Shard,
@@ -115,9 +116,7 @@ def tile_command(
             show_default=False,
         ),
     ] = None,
-    min_tissue: Annotated[
-        float, typer.Option("--min-tissue", help="Minimum tissue fraction of a tile (0-1).")
-    ] = 0.25,
+    min_tissue: MinTissue = 0.25,
     encoding: Annotated[
         str, typer.Option("--encoding", help="Tile pixels: jpeg (small) or raw (exact).")
     ] = "jpeg",
