@@ -1,6 +1,6 @@
 """The CLI reference (docs/cli.md), generated from the Typer app so it cannot drift.
 
-    python -m histoduo.clidoc > docs/cli.md
+python -m histoduo.clidoc > docs/cli.md
 """
 
 from __future__ import annotations
