@@ -45,6 +45,15 @@ def model_info_command(
     patch_attention: Annotated[
         bool, typer.Option(help="Patch attention (off: mean over patches).")
     ] = True,
+    acp_levels: Annotated[
+        int, typer.Option(help="Aggressive convolutional pooling levels (0 = off).")
+    ] = 0,
+    cat_concepts: Annotated[
+        int, typer.Option(help="Conceptual attention concepts (0 = off; 8 is a good start).")
+    ] = 0,
+    interaction_in: Annotated[
+        str, typer.Option(help="Blocks that get ACP/CAT: scale, patch or both.")
+    ] = "both",
     num_classes: Annotated[int, typer.Option(help="Output classes.")] = 3,
     freeze_backbone: Annotated[bool, typer.Option(help="Count the backbone as frozen.")] = False,
     batch_size: Annotated[int, typer.Option(help="Batch for the memory measurement.")] = 1,
@@ -84,6 +93,9 @@ def model_info_command(
                 patch_block=patch_block,  # type: ignore[arg-type]
                 block_order=block_order,  # type: ignore[arg-type]
                 patch_attention=patch_attention,
+                acp_levels=acp_levels,
+                cat_concepts=cat_concepts,
+                interaction_in=interaction_in,  # type: ignore[arg-type]
                 num_classes=num_classes,
                 freeze_backbone=freeze_backbone,
             )
@@ -103,6 +115,12 @@ def model_info_command(
     table.add_row("parameters (total)", f"{info.params_total / 1e6:.2f} M")
     table.add_row("parameters (trainable)", f"{info.params_trainable / 1e6:.2f} M")
     table.add_row("GFLOPs / tile (2 x MACs)", f"{info.gflops_per_tile:.1f}")
+    if info.params_interaction:
+        table.add_row(
+            f"interaction (ACP {config.acp_levels} / CAT {config.cat_concepts}, "
+            f"{config.interaction_in})",
+            f"{info.params_interaction / 1e6:.3f} M params, {info.gflops_interaction:.3f} GFLOPs",
+        )
     if info.num_patches is not None:
         table.add_row("patches N", str(info.num_patches))
     if info.tokens_per_patch is not None:

@@ -10,11 +10,13 @@ Arch = Literal["duoformer", "resnet", "hybrid"]
 ScaleToken = Literal["learned", "conv", "first", "mean"]
 PatchBlock = Literal["faithful", "prenorm"]
 BlockOrder = Literal["sequential", "interleaved"]
+InteractionIn = Literal["scale", "patch", "both"]
 
 ARCHS: tuple[str, ...] = ("duoformer", "resnet", "hybrid")
 SCALE_TOKENS: tuple[str, ...] = ("learned", "conv", "first", "mean")
 PATCH_BLOCKS: tuple[str, ...] = ("faithful", "prenorm")
 BLOCK_ORDERS: tuple[str, ...] = ("sequential", "interleaved")
+INTERACTION_INS: tuple[str, ...] = ("scale", "patch", "both")
 
 
 @dataclass
@@ -30,6 +32,11 @@ class ModelConfig:
 
     ``backbone_weights``: ``None``/"none" (random init), "timm" (hub download) or a path to a
     local ``.safetensors``/``.pth``/``.pt`` file in timm or torchvision key layout.
+
+    Optional pre-attention interactions (``duoformer`` only, off by default; see
+    :mod:`histoduo.models.interaction`): ``acp_levels`` pooling levels of aggressive
+    convolutional pooling and ``cat_concepts`` concepts of conceptual attention (0 = off),
+    in the blocks ``interaction_in`` names ("scale", "patch" or "both").
     """
 
     arch: Arch = "duoformer"
@@ -54,6 +61,9 @@ class ModelConfig:
     patch_attention: bool = True
     backbone_weights: str | None = None
     freeze_backbone: bool = False
+    acp_levels: int = 0
+    cat_concepts: int = 0
+    interaction_in: InteractionIn = "both"
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, kept verbatim
 
     def __post_init__(self) -> None:
@@ -64,6 +74,7 @@ class ModelConfig:
             ("scale_token", self.scale_token, SCALE_TOKENS),
             ("patch_block", self.patch_block, PATCH_BLOCKS),
             ("block_order", self.block_order, BLOCK_ORDERS),
+            ("interaction_in", self.interaction_in, INTERACTION_INS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
@@ -73,6 +84,9 @@ class ModelConfig:
         for name in ("dropout", "attn_dropout", "drop_path"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("acp_levels", "cat_concepts"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
         if self.backbone_weights in ("", "none", "None"):
             self.backbone_weights = None
 
@@ -85,7 +99,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error (they mean a newer format)."""
+        """Inverse of :meth:`to_dict`; unknown keys are an error (they mean a newer format).
+
+        Missing keys take their defaults, so configs written before a field existed still load.
+        """
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -20,6 +20,14 @@ def validate_config(config: ModelConfig) -> None:
     """Checks that need the backbone's strides; raises ValueError with the reason."""
     levels = feature_levels(config.backbone)
     stages = [levels[i] for i in resolve_stages(config, levels)]
+    interactions = config.acp_levels > 0 or config.cat_concepts > 0
+    if interactions and config.arch != "duoformer":
+        raise ValueError(
+            f"acp_levels/cat_concepts are DuoFormer options; arch {config.arch!r} has no "
+            "scale or patch blocks to put them in"
+        )
+    if interactions and config.interaction_in == "patch" and not config.patch_attention:
+        raise ValueError("interaction_in='patch' needs patch attention (it is disabled)")
     if config.arch == "resnet":
         return
     for name, dim, heads in (

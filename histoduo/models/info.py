@@ -13,6 +13,7 @@ from histoduo.models.baselines import HybridViT
 from histoduo.models.config import ModelConfig
 from histoduo.models.duoformer import DuoFormer
 from histoduo.models.factory import build_model
+from histoduo.models.interaction import is_interaction_module
 
 
 @dataclass
@@ -32,6 +33,9 @@ class ModelInfo:
     device: str = "cpu"
     activation_bytes: int | None = None
     activation_method: str = "not measured"
+    # Pre-attention interactions (ACP/CAT), already included in the totals above.
+    params_interaction: int = 0
+    gflops_interaction: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -46,6 +50,13 @@ def count_flops(model: nn.Module, input_size_px: int, in_chans: int = 3) -> int:
     kernels, its SDPA path is counted (FlopCounterMode has no formula for the CPU
     flash-attention op and reports 0 for it on CPU tensors).
     """
+    return count_flops_by_module(model, input_size_px, in_chans)[""]
+
+
+def count_flops_by_module(
+    model: nn.Module, input_size_px: int, in_chans: int = 3
+) -> dict[str, int]:
+    """Forward FLOPs of one tile per submodule name (``named_modules``; "" is the total)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     device = next(model.parameters()).device
@@ -55,7 +66,25 @@ def count_flops(model: nn.Module, input_size_px: int, in_chans: int = 3) -> int:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
     model.train(was_training)
-    return int(counter.get_total_flops())
+    # The counter names modules "<RootClass>.<qualified name>" and the root "Global".
+    prefix = type(model).__name__ + "."
+    counts = {"": int(counter.get_total_flops())}
+    for key, ops in counter.get_flop_counts().items():
+        if key.startswith(prefix):
+            counts[key[len(prefix) :]] = int(sum(ops.values()))
+    return counts
+
+
+def interaction_costs(model: nn.Module, flops: dict[str, int]) -> tuple[int, int]:
+    """(parameters, FLOPs per tile) of all ACP/CAT modules of a model."""
+    params = total = 0
+    counted: list[str] = []
+    for name, module in model.named_modules():  # parents come before their children
+        if is_interaction_module(module) and not any(name.startswith(c + ".") for c in counted):
+            counted.append(name)
+            params += sum(p.numel() for p in module.parameters())
+            total += flops.get(name, 0)
+    return params, total
 
 
 def _build_meta(config: ModelConfig) -> nn.Module:
@@ -105,6 +134,10 @@ def model_info(
 ) -> ModelInfo:
     """Parameters, GFLOPs per tile, token counts and activation memory of a configuration.
 
+    ``params_interaction``/``gflops_interaction`` break out the ACP/CAT modules (counted in
+    the totals too). FlopCounterMode counts matmuls and convolutions, not pooling, softmax or
+    GELU, which are a rounding error here.
+
     Parameters and FLOPs come from a meta-device build (instant, no weights needed).
     Memory: on CUDA the peak allocated during a training forward+backward of ``batch_size``
     tiles minus the memory held before it; on CPU the bytes autograd saves for backward in a
@@ -113,17 +146,21 @@ def model_info(
     meta_model = _build_meta(config)
     params_total = sum(p.numel() for p in meta_model.parameters())
     params_trainable = sum(p.numel() for p in meta_model.parameters() if p.requires_grad)
+    flops = count_flops_by_module(meta_model, config.input_size_px, config.in_chans)
+    params_interaction, flops_interaction = interaction_costs(meta_model, flops)
     info = ModelInfo(
         arch=config.arch,
         backbone=config.backbone,
         input_size_px=config.input_size_px,
         params_total=params_total,
         params_trainable=params_trainable,
-        gflops_per_tile=count_flops(meta_model, config.input_size_px, config.in_chans) / 1e9,
+        gflops_per_tile=flops[""] / 1e9,
         num_patches=getattr(meta_model, "num_patches", None),
         tokens_per_patch=getattr(meta_model, "seq_len", None),
         batch_size=batch_size,
         device=device,
+        params_interaction=params_interaction,
+        gflops_interaction=flops_interaction / 1e9,
     )
     if isinstance(meta_model, DuoFormer):
         info.tokens_per_stage = meta_model.tokens_per_stage()
