@@ -23,6 +23,17 @@ def test_cli_reference_covers_every_command() -> None:
 
     text = (ROOT / "docs" / "cli.md").read_text()
     help_text = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"}).output
-    for command in ("info", "tissue", "tile", "merge", "synth", "model-info", "predict"):
+    for command in (
+        "info",
+        "tissue",
+        "tile",
+        "merge",
+        "synth",
+        "model-info",
+        "predict",
+        "train",
+        "evaluate",
+        "demo",
+    ):
         assert command in help_text
         assert f"## `histoduo {command}`" in text

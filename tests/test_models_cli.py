@@ -10,6 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import torch
 from typer.testing import CliRunner
 
+from histoduo.checkpoint import CheckpointMeta, save_checkpoint
 from histoduo.cli import app
 from histoduo.models import ModelConfig
 
@@ -31,11 +32,22 @@ def test_model_info_flags_json() -> None:
 def test_model_info_checkpoint_table(tmp_path) -> None:
     config = ModelConfig(arch="hybrid", backbone="resnet18", embed_dim=32, patch_depth=1,
                          patch_heads=2, input_size_px=64)  # fmt: skip
-    path = tmp_path / "model.pt"
-    torch.save({"model_config": config.to_dict(), "state_dict": {}}, path)
+    meta = CheckpointMeta(
+        model_config=config.to_dict(), class_names=["a", "b", "c"], class_roles={},
+        target_mpp=0.5, tile_size_px=64, input_size_px=64, mean=[0.5] * 3, std=[0.25] * 3,
+    )  # fmt: skip
+    path = save_checkpoint(tmp_path / "model.pt", {}, meta)
     result = CliRunner().invoke(app, ["model-info", "--checkpoint", str(path), "--no-memory"])
     assert result.exit_code == 0, result.output
     assert "hybrid" in result.output and "GFLOPs" in result.output
+
+
+def test_model_info_rejects_a_foreign_checkpoint(tmp_path) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save({"state_dict": {}}, path)
+    result = CliRunner().invoke(app, ["model-info", "--checkpoint", str(path), "--no-memory"])
+    assert result.exit_code == 1
+    assert "not a histoduo checkpoint" in " ".join(result.output.split())
 
 
 def test_model_info_invalid_config_fails_cleanly() -> None:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 # Importing the command modules registers their commands on ``app``.
 from histoduo.cli import (
-    models,  # noqa: E402,F401
-    predict,  # noqa: E402,F401
-    slides,  # noqa: E402,F401
-    tissue,  # noqa: E402,F401
+    models,  # noqa: F401
+    predict,  # noqa: F401
+    slides,  # noqa: F401
+    tissue,  # noqa: F401
+    train,  # noqa: F401
 )
 from histoduo.cli._app import app
 

@@ -1,0 +1,283 @@
+"""Training commands: ``train`` and ``evaluate``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from histoduo.cli._app import app, fail
+from histoduo.cli._model_options import (
+    AcpLevels,
+    Arch,
+    Backbone,
+    BackboneWeights,
+    BlockOrder,
+    CatConcepts,
+    Dropout,
+    DropPath,
+    EmbedDim,
+    FreezeBackbone,
+    InteractionIn,
+    PatchAttention,
+    PatchBlock,
+    PatchDepth,
+    PatchHeads,
+    PatchSize,
+    ScaleDepth,
+    ScaleHeads,
+    ScaleToken,
+    Stages,
+    model_config_from_options,
+)
+from histoduo.cli._options import Quiet
+
+Store = Annotated[Path, typer.Argument(help="Tile store with labelled tiles.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cuda or cpu.")]
+SlideLabels = Annotated[
+    Path | None,
+    typer.Option(
+        "--slide-labels",
+        help="CSV slide,label[,patient]: every tile of a slide gets the slide's label.",
+        show_default=False,
+    ),
+]
+Splits = Annotated[
+    Path | None,
+    typer.Option("--splits", help="CSV slide,split (train/val/test) to use.", show_default=False),
+]
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+
+
+@app.command("train")
+def train_command(
+    store: Store,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")],
+    arch: Arch = "duoformer",
+    backbone: Backbone = "resnet50",
+    backbone_weights: BackboneWeights = None,
+    freeze_backbone: FreezeBackbone = False,
+    stages: Stages = None,
+    patch_size: PatchSize = 32,
+    input_size: Annotated[
+        int | None,
+        typer.Option(
+            "--input-size", help="Model input in px (default: the tile size).", show_default=False
+        ),
+    ] = None,
+    embed_dim: EmbedDim = 768,
+    scale_depth: ScaleDepth = 8,
+    scale_heads: ScaleHeads = 8,
+    patch_depth: PatchDepth = 8,
+    patch_heads: PatchHeads = 8,
+    scale_token: ScaleToken = "learned",
+    patch_block: PatchBlock = "faithful",
+    block_order: BlockOrder = "sequential",
+    patch_attention: PatchAttention = True,
+    acp_levels: AcpLevels = 0,
+    cat_concepts: CatConcepts = 0,
+    interaction_in: InteractionIn = "both",
+    dropout: Dropout = 0.0,
+    drop_path: DropPath = 0.0,
+    preset: Annotated[
+        str, typer.Option("--preset", help="default, or authors (duoformer.md's recipe).")
+    ] = "default",
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", show_default=False, help="Epochs (default 10).")
+    ] = None,
+    iterations: Annotated[
+        int | None,
+        typer.Option(
+            "--iterations", help="Iterations per epoch (default: one pass).", show_default=False
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", show_default=False, help="Tiles per step (default 32)."),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option("--lr", show_default=False, help="Peak learning rate (default 1e-4)."),
+    ] = None,
+    weight_decay: Annotated[
+        float | None,
+        typer.Option("--weight-decay", show_default=False, help="Weight decay (default 1e-4)."),
+    ] = None,
+    optimizer: Annotated[
+        str | None, typer.Option("--optimizer", show_default=False, help="adam or adamw.")
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            "--scheduler", show_default=False, help="onecycle, cosine or none (per iteration)."
+        ),
+    ] = None,
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing")] = 0.0,
+    weighted_loss: Annotated[
+        bool,
+        typer.Option(
+            "--weighted-loss",
+            help="Inverse-frequency class weights instead of class-balanced batches.",
+        ),
+    ] = False,
+    hed: Annotated[
+        float, typer.Option("--hed", help="HED stain augmentation strength (0 = off, ~0.03).")
+    ] = 0.0,
+    val_fraction: Annotated[float, typer.Option("--val-fraction")] = 0.2,
+    test_fraction: Annotated[float, typer.Option("--test-fraction")] = 0.2,
+    split_by: Annotated[str, typer.Option("--split-by", help="slide or patient.")] = "slide",
+    splits: Splits = None,
+    slide_labels: SlideLabels = None,
+    grades: Annotated[
+        str | None,
+        typer.Option(
+            "--grades",
+            help="Tumour grade classes, low to high, e.g. "
+            "low_grade,high_grade (default: inferred from class names).",
+            show_default=False,
+        ),
+    ] = None,
+    patience: Annotated[
+        int | None,
+        typer.Option(
+            "--patience", help="Early stopping: epochs without validation gain.", show_default=False
+        ),
+    ] = None,
+    grad_accumulation: Annotated[int, typer.Option("--grad-accumulation")] = 1,
+    bf16: Annotated[str, typer.Option("--bf16", help="auto (GPU only), on or off.")] = "auto",
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = (
+        False
+    ),
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers", help="DataLoader workers (default: min(4, cores - 1)).", show_default=False
+        ),
+    ] = None,
+    device: Device = "auto",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Train DuoFormer (or a baseline) on the labelled tiles of a store, splitting by slide."""
+    from rich.console import Console
+
+    from histoduo.checkpoint import CheckpointError
+    from histoduo.store import StoreError, TileStore
+    from histoduo.training import LabelError, TrainConfig, train
+    from histoduo.training.config import AugmentConfig
+
+    console = Console(stderr=True)
+    if not store.exists():
+        raise fail(f"{store}: tile store not found")
+    try:
+        tile_size = int(TileStore(store).attrs(TileStore(store).slides[0])["tile_size_px"])
+    except (StoreError, IndexError, KeyError) as exc:
+        raise fail(f"{store}: not a usable tile store ({exc})") from None
+    model_config = model_config_from_options(
+        stages, arch=arch, backbone=backbone, backbone_weights=backbone_weights,
+        freeze_backbone=freeze_backbone, patch_size_px=patch_size,
+        input_size_px=input_size or tile_size, embed_dim=embed_dim, scale_depth=scale_depth,
+        scale_heads=scale_heads, patch_depth=patch_depth, patch_heads=patch_heads,
+        scale_token=scale_token, patch_block=patch_block, block_order=block_order,
+        patch_attention=patch_attention, acp_levels=acp_levels, cat_concepts=cat_concepts,
+        interaction_in=interaction_in, dropout=dropout, drop_path=drop_path,
+    )  # fmt: skip
+    given = {
+        "epochs": epochs, "iterations_per_epoch": iterations, "batch_size": batch_size,
+        "lr": lr, "weight_decay": weight_decay, "optimizer": optimizer, "scheduler": scheduler,
+    }  # fmt: skip
+    settings = {k: v for k, v in given.items() if v is not None}
+    settings.update(
+        label_smoothing=label_smoothing, weighted_loss=weighted_loss,
+        balanced_sampler=not weighted_loss, val_fraction=val_fraction,
+        test_fraction=test_fraction, split_by=split_by,
+        splits_csv=str(splits) if splits else None,
+        slide_labels_csv=str(slide_labels) if slide_labels else None, grades=_names(grades),
+        early_stopping_patience=patience, grad_accumulation=grad_accumulation, bf16=bf16,
+        compile=compile_model, num_workers=workers, device=device, seed=seed,
+    )  # fmt: skip
+    try:
+        if preset == "authors":
+            config = TrainConfig.authors(**settings)
+            config.augment.hed_sigma = hed
+        elif preset == "default":
+            config = TrainConfig(augment=AugmentConfig(hed_sigma=hed), **settings)
+        else:
+            raise ValueError(f"--preset must be default or authors, got {preset!r}")
+        result = train(
+            store,
+            out,
+            config,
+            model_config=model_config,
+            resume=resume,
+            progress=not quiet,
+            log=console.print,
+        )
+    except (LabelError, StoreError, CheckpointError, ValueError, RuntimeError) as exc:
+        raise fail(str(exc)) from None
+    summary = {k: result.metrics.get(f"{k}_balanced_accuracy") for k in ("val", "test")}
+    shown = ", ".join(f"{k} balanced accuracy {v:.3f}" for k, v in summary.items() if v is not None)
+    console.print(
+        f"[green]done[/]: {shown or 'no validation or test slides'}; best checkpoint "
+        f"{result.best_checkpoint}; report {result.run_dir / 'report.json'}"
+    )
+
+
+@app.command("evaluate")
+def evaluate_command(
+    store: Store,
+    model: Annotated[Path, typer.Option("--model", "-m", help="histoduo checkpoint.")],
+    split: Annotated[
+        str, typer.Option("--split", help="all, train, val or test (needs the run's splits).")
+    ] = "all",
+    splits: Splits = None,
+    slide_labels: SlideLabels = None,
+    device: Device = "auto",
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Write the report JSON here.", show_default=False),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Balanced accuracy, per-class recall/precision/F1 and confusion matrix on a store."""
+    from histoduo.checkpoint import CheckpointError
+    from histoduo.store import StoreError
+    from histoduo.training import LabelError, evaluate
+
+    if split not in ("all", "train", "val", "test"):
+        raise fail(f"--split must be all, train, val or test, got {split!r}")
+    try:
+        report = evaluate(store, model, split, splits, slide_labels_csv=slide_labels, device=device)
+    except (LabelError, StoreError, CheckpointError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    if out is not None:
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(out)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"{store} ({split}): {report['n_tiles']} tiles, balanced accuracy "
+        f"{report['balanced_accuracy']:.3f}"
+    )
+    for column in ("class", "recall", "precision", "F1", "tiles"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, row in report["per_class"].items():
+        table.add_row(
+            name,
+            f"{row['recall']:.3f}",
+            f"{row['precision']:.3f}",
+            f"{row['f1']:.3f}",
+            str(row["support"]),
+        )
+    Console().print(table)

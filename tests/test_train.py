@@ -1,0 +1,225 @@
+"""Training: it learns the synthetic task, splits by slide, resumes exactly, fails clearly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from histoduo.checkpoint import load_model
+from histoduo.cli import app
+from histoduo.models import ModelConfig
+from histoduo.sources import SlideSource
+from histoduo.store import TileStore
+from histoduo.synthetic import DEFAULT_CLASSES, SyntheticSlideSpec, write_synthetic_slide
+from histoduo.tiling import TilingParams, tile_slides
+from histoduo.training import LabelError, TrainConfig, evaluate, train
+from histoduo.training import loop as loop_module
+from histoduo.training.data import make_splits, tile_table
+
+SMALL = ModelConfig(
+    backbone="resnet18", input_size_px=64, patch_size_px=32, stages=(2, 3, 4), embed_dim=64,
+    scale_depth=1, patch_depth=1, scale_heads=4, patch_heads=4,
+)  # fmt: skip
+N_SLIDES = 5
+
+
+@pytest.fixture(scope="session")
+def labelled_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five synthetic slides tiled at 0.5 um/px, 64 px, labels from their ground truth."""
+    folder = tmp_path_factory.mktemp("train_store")
+    annotations = folder / "annotations"
+    annotations.mkdir()
+    sources = []
+    for index in range(N_SLIDES):
+        spec = SyntheticSlideSpec(width_px=3072, height_px=2048, seed=40 + index)
+        slide = write_synthetic_slide(folder / f"slide_{index}.svs", spec, workers=1)
+        shutil.copyfile(slide.truth_geojson, annotations / f"slide_{index}.geojson")
+        sources.append(SlideSource(slide.path))
+    store = folder / "tiles.h5"
+    tile_slides(
+        sources, store, TilingParams(target_mpp=0.5, tile_size_px=64),
+        annotations_dir=annotations, class_names=list(DEFAULT_CLASSES), labelled_only=True,
+        workers=2, progress=False,
+    )  # fmt: skip
+    return store
+
+
+def _config(**overrides) -> TrainConfig:  # noqa: ANN003
+    settings = dict(epochs=4, iterations_per_epoch=25, batch_size=32, lr=1e-3,
+                    val_fraction=0.2, test_fraction=0.2, num_workers=1, seed=0)  # fmt: skip
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+@pytest.fixture(scope="session")
+def trained(labelled_store: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    out = tmp_path_factory.mktemp("run") / "run"
+    return train(labelled_store, out, _config(), model_config=SMALL, progress=False)
+
+
+def test_a_small_duoformer_learns_the_synthetic_task(trained) -> None:
+    assert trained.metrics["val_balanced_accuracy"] >= 0.9
+    assert trained.metrics["test_balanced_accuracy"] >= 0.85
+    run = trained.run_dir
+    for name in ("config.json", "splits.csv", "metrics.csv", "best.pt", "last.pt",
+                 "report.json", "training_curves.png", "confusion_val.png",
+                 "confusion_test.png"):  # fmt: skip
+        assert (run / name).exists(), name
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert list(metrics["epoch"]) == [1, 2, 3, 4]
+    assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["test"]["per_class"]) == set(DEFAULT_CLASSES)
+    assert np.array(report["test"]["confusion_matrix"]).shape == (4, 4)
+
+
+def test_shuffled_labels_stay_near_chance(labelled_store: Path, tmp_path: Path) -> None:
+    shuffled = tmp_path / "shuffled.h5"
+    shutil.copyfile(labelled_store, shuffled)
+    rng = np.random.default_rng(0)
+    with h5py.File(shuffled, "r+") as f:
+        for group in f["slides"].values():
+            labels = group["labels"][()]
+            group["labels"][...] = rng.permutation(labels)
+    result = train(shuffled, tmp_path / "run", _config(epochs=2), model_config=SMALL,
+                   progress=False)  # fmt: skip
+    assert result.metrics["test_balanced_accuracy"] < 0.5  # chance is 0.25 for 4 classes
+
+
+def test_no_slide_crosses_splits(labelled_store: Path, trained) -> None:
+    splits = pd.read_csv(trained.run_dir / "splits.csv")
+    assert splits["slide"].is_unique
+    assert set(splits["split"]) == {"train", "val", "test"}
+    assert (splits["split"] == "train").sum() >= 2
+    table = tile_table(TileStore(labelled_store))
+    again = make_splits(table, 0.2, 0.2, seed=0)
+    assert again == dict(zip(splits["group"], splits["split"]))  # seeded: reproducible
+    other = make_splits(table, 0.2, 0.2, seed=1)
+    assert set(other.values()) == {"train", "val", "test"}
+
+
+def test_checkpoint_rebuilds_the_identical_model(trained, labelled_store: Path) -> None:
+    model, meta = load_model(trained.best_checkpoint)
+    assert meta.class_names == list(DEFAULT_CLASSES)
+    assert meta.roles.grades == ["low_grade", "high_grade"]
+    assert meta.target_mpp == 0.5 and meta.tile_size_px == 64 and meta.input_size_px == 64
+    state = torch.load(trained.best_checkpoint, weights_only=False)["model_state"]
+    again, _ = load_model(trained.best_checkpoint)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in state.items())
+
+
+def test_resume_continues_exactly(
+    labelled_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _config(epochs=2, iterations_per_epoch=4, num_workers=0)
+    whole = train(labelled_store, tmp_path / "whole", config, model_config=SMALL, progress=False)
+
+    original = loop_module._write_metrics
+
+    def killed_after_first_epoch(out, history):  # noqa: ANN001, ANN202
+        original(out, history)
+        raise KeyboardInterrupt  # the job dies right after epoch 1 is saved
+
+    monkeypatch.setattr(loop_module, "_write_metrics", killed_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(labelled_store, tmp_path / "split", config, model_config=SMALL, progress=False)
+    monkeypatch.setattr(loop_module, "_write_metrics", original)
+    resumed = train(labelled_store, tmp_path / "split", config, model_config=SMALL,
+                    resume=True, progress=False)  # fmt: skip
+
+    a = torch.load(whole.last_checkpoint, weights_only=False)
+    b = torch.load(resumed.last_checkpoint, weights_only=False)
+    for key, value in a["model_state"].items():
+        assert torch.allclose(value.float(), b["model_state"][key].float(), atol=1e-5), key
+    metrics_a = pd.read_csv(whole.run_dir / "metrics.csv")
+    metrics_b = pd.read_csv(resumed.run_dir / "metrics.csv")
+    assert np.allclose(metrics_a["train_loss"], metrics_b["train_loss"], atol=1e-5)
+    assert np.allclose(metrics_a["val_balanced_accuracy"], metrics_b["val_balanced_accuracy"])
+
+
+def test_authors_preset_steps_onecycle_every_iteration(labelled_store: Path, tmp_path) -> None:
+    config = TrainConfig.authors(epochs=2, iterations_per_epoch=3, batch_size=8, num_workers=0,
+                                 val_fraction=0.2, test_fraction=0.0)  # fmt: skip
+    assert config.augment.rotation_deg == 360 and config.optimizer == "adam"
+    result = train(labelled_store, tmp_path / "authors", config, model_config=SMALL,
+                   progress=False)  # fmt: skip
+    lrs = pd.read_csv(result.run_dir / "metrics.csv")["lr"].to_list()
+    # Stepped per iteration, OneCycle ends far below its peak; stepped per epoch (the
+    # authors' bug) it would still sit near max_lr / 25 = 4e-6 after the first epoch.
+    assert lrs[-1] < 1e-6
+    _, meta = load_model(result.best_checkpoint)
+    assert meta.eval_resize == "center_crop"
+
+
+def test_slide_level_labels(labelled_store: Path, tmp_path: Path) -> None:
+    store = TileStore(labelled_store)
+    labels = tmp_path / "labels.csv"
+    rows = ["slide,label"] + [
+        f"{name},{'high_grade' if i % 2 else 'low_grade'}" for i, name in enumerate(store.slides)
+    ]
+    labels.write_text("\n".join(rows) + "\n")
+    table = tile_table(store, labels)
+    per_slide = table.frame.groupby("slide")["label"].nunique()
+    assert (per_slide == 1).all()
+    conflicting = tmp_path / "conflict.csv"
+    conflicting.write_text(f"slide,label\n{store.slides[0]},normal\n{store.slides[0]},necrosis\n")
+    with pytest.raises(LabelError, match="more than one label") as err:
+        tile_table(store, conflicting)
+    assert "conflict.csv" in str(err.value)
+    unknown = tmp_path / "unknown.csv"
+    unknown.write_text(f"slide,label\n{store.slides[0]},grade_9\n")
+    with pytest.raises(LabelError, match="unknown class"):
+        tile_table(store, unknown)
+
+
+def test_bad_inputs_fail_clearly(labelled_store: Path, tmp_path: Path) -> None:
+    unlabelled = tmp_path / "unlabelled.h5"
+    shutil.copyfile(labelled_store, unlabelled)
+    with h5py.File(unlabelled, "r+") as f:
+        del f.attrs["class_names"]
+        for group in f["slides"].values():
+            del group["labels"]
+    with pytest.raises(LabelError, match="no labels") as err:
+        train(unlabelled, tmp_path / "r1", _config(), model_config=SMALL, progress=False)
+    assert "unlabelled.h5" in str(err.value)
+
+    one_class = tmp_path / "one_class.h5"
+    shutil.copyfile(labelled_store, one_class)
+    with h5py.File(one_class, "r+") as f:
+        for group in f["slides"].values():
+            group["labels"][...] = np.where(group["labels"][()] == 3, 0, group["labels"][()])
+    with pytest.raises(LabelError, match="no training tiles for class"):
+        train(one_class, tmp_path / "r2", _config(), model_config=SMALL, progress=False)
+
+    runner = CliRunner()
+    missing = runner.invoke(app, ["train", str(tmp_path / "absent.h5"), "--out", str(tmp_path)])
+    assert missing.exit_code != 0 and "absent.h5" in " ".join(missing.output.split())
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, foreign)
+    result = runner.invoke(app, ["evaluate", str(labelled_store), "--model", str(foreign)])
+    assert result.exit_code != 0
+    assert "not a histoduo checkpoint" in " ".join(result.output.split())
+
+
+def test_evaluate_matches_the_training_report(trained, labelled_store: Path) -> None:
+    report = evaluate(labelled_store, trained.best_checkpoint, split="test")
+    saved = json.loads((trained.run_dir / "report.json").read_text())["test"]
+    assert report["n_tiles"] == saved["n_tiles"]
+    assert report["balanced_accuracy"] == pytest.approx(saved["balanced_accuracy"])
+    result = CliRunner().invoke(
+        app, ["evaluate", str(labelled_store), "--model", str(trained.best_checkpoint),
+              "--split", "val", "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["split"] == "val"
