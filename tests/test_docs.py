@@ -33,7 +33,6 @@ def test_cli_reference_covers_every_command() -> None:
         "predict",
         "train",
         "evaluate",
-        "demo",
     ):
         assert command in help_text
         assert f"## `histoduo {command}`" in text
