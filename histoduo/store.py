@@ -140,9 +140,16 @@ class SlidePartWriter:
         if self.encoding == "raw":
             self._pixels[self._count : stop] = np.asarray(tiles)
         else:
-            block = np.empty(n, dtype=object)
-            block[:] = list(tiles)
-            self._pixels[self._count : stop] = block
+            if len({len(tile) for tile in tiles}) == 1:
+                # h5py turns equal-length byte arrays (or a single one) into a 2-D block that
+                # does not fit a 1-D vlen dataset, so those go one by one.
+                for offset, tile in enumerate(tiles):
+                    self._pixels[self._count + offset] = tile
+            else:
+                block = np.empty(n, dtype=object)
+                for i, tile in enumerate(tiles):
+                    block[i] = tile
+                self._pixels[self._count : stop] = block
         self._count = stop
 
     def commit(self) -> Path:

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from histoduo.cli import app
 from histoduo.slide import SlideError, open_slide
 from histoduo.sources import SlideSource, collect_sources, parse_shard, select_shard
-from histoduo.store import SlidePartWriter, StoreError, TileStore, merge_stores
+from histoduo.store import SlideGroupData, SlidePartWriter, StoreError, TileStore, merge_stores
 from histoduo.tiling import TilingParams, tile_grid, tile_slides
 
 PARAMS = TilingParams(target_mpp=1.0, tile_size_px=64, min_tissue_fraction=0.25)
@@ -328,3 +328,23 @@ def test_unknown_annotation_class_fails_with_the_file(svs_slide, tmp_path: Path)
             class_names=["normal", "tumour"],
         )
     assert "svs_a.geojson" in str(err.value)
+
+
+@pytest.mark.parametrize("lengths", [[1453], [900, 900, 900], [700, 1200]])
+def test_jpeg_blocks_of_any_shape_are_written(tmp_path: Path, lengths: list[int]) -> None:
+    """One tile, or JPEGs of equal byte length, must not be mistaken for a 2-D block."""
+    n = len(lengths)
+    data = SlideGroupData(
+        name="s", source_path="s.svs", coords=np.zeros((n, 2), np.int64),
+        tissue_fraction=np.ones(n, np.float32), attrs={"tile_size_px": 8}, coords_attrs={},
+        thumbnail=np.zeros((4, 4, 3), np.uint8), tissue_mask=np.ones((4, 4), bool),
+        mask_downsample=1.0,
+    )  # fmt: skip
+    writer = SlidePartWriter(tmp_path / "s.h5", data, "jpeg", 8)
+    tiles = [np.full(length, i, dtype=np.uint8) for i, length in enumerate(lengths)]
+    writer.append(tiles)
+    writer.commit()
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        stored = f["slides/s/jpeg"]
+        assert [len(stored[i]) for i in range(n)] == lengths
+        assert all((stored[i] == i).all() for i in range(n))
