@@ -33,6 +33,8 @@ def test_cli_reference_covers_every_command() -> None:
         "predict",
         "train",
         "evaluate",
+        "demo",
+        "import",
     ):
         assert command in help_text
         assert f"## `histoduo {command}`" in text
