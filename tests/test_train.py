@@ -223,3 +223,18 @@ def test_evaluate_matches_the_training_report(trained, labelled_store: Path) -> 
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["split"] == "val"
+
+
+def test_a_runs_splits_csv_can_be_given_back(labelled_store: Path, trained) -> None:
+    from histoduo.training.data import read_splits
+
+    table = tile_table(TileStore(labelled_store))
+    written = pd.read_csv(trained.run_dir / "splits.csv")
+    assert read_splits(trained.run_dir / "splits.csv", table) == dict(
+        zip(written["group"], written["split"])
+    )
+    # Grouped by patient: a slide-keyed splits.csv still maps every patient to one split.
+    patients = tile_table(TileStore(labelled_store))
+    patients.frame["group"] = ["p" + s[-1] for s in patients.frame["slide"]]
+    mapped = read_splits(trained.run_dir / "splits.csv", patients)
+    assert set(mapped) == set(patients.frame["group"])

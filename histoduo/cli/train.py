@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -221,6 +222,8 @@ def train_command(
         )
     except (LabelError, StoreError, CheckpointError, ValueError, RuntimeError) as exc:
         raise fail(str(exc)) from None
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun only rank 0 reports
     summary = {k: result.metrics.get(f"{k}_balanced_accuracy") for k in ("val", "test")}
     shown = ", ".join(f"{k} balanced accuracy {v:.3f}" for k, v in summary.items() if v is not None)
     console.print(

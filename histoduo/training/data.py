@@ -149,11 +149,23 @@ def read_splits(path: str | Path, table: TileTable) -> dict[str, str]:
         rows = list(csv.DictReader(handle))
     if not rows or "split" not in rows[0]:
         raise LabelError(f"{path}: needs a 'split' column and a slide (or patient) column")
-    key = "patient" if "patient" in rows[0] else "slide"
-    assignment = {row[key].strip(): row["split"].strip() for row in rows}
-    bad = sorted({s for s in assignment.values() if s not in SPLITS})
+    bad = sorted({row["split"].strip() for row in rows} - set(SPLITS))
     if bad:
         raise LabelError(f"{path}: unknown split name(s) {bad}; use train, val, test")
+    if "patient" in rows[0]:
+        assignment = {row["patient"].strip(): row["split"].strip() for row in rows}
+    else:
+        # By slide (as train writes splits.csv); when groups are patients, every slide of a
+        # patient must be in the same split.
+        by_slide = {row["slide"].strip(): row["split"].strip() for row in rows}
+        assignment = {}
+        for slide, group in (
+            table.frame[["slide", "group"]].drop_duplicates().itertuples(index=False)
+        ):
+            if slide not in by_slide:
+                continue
+            if assignment.setdefault(group, by_slide[slide]) != by_slide[slide]:
+                raise LabelError(f"{path}: slides of {group!r} are in different splits")
     missing = sorted(set(table.frame["group"]) - set(assignment))
     if missing:
         raise LabelError(f"{path}: no split for {', '.join(missing[:5])}")
@@ -236,7 +248,8 @@ class BalancedBatches:
     """Batches with (nearly) equal tiles per class, drawn with replacement, seeded per epoch.
 
     Every rank of a distributed run draws the same global batches and keeps its own slice,
-    so N processes see exactly the batches one process would.
+    so N processes train on exactly the tiles one process would. (Augmentation is seeded per
+    batch and rank, so the augmented pixels differ from a one-process run.)
     """
 
     def __init__(

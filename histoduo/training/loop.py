@@ -210,12 +210,20 @@ def train(
 
     from histoduo.models import ModelConfig, build_model, maybe_compile
 
-    say = log or (lambda message: None)
     config = config or TrainConfig()
     dist = _Dist.from_env()
-    if dist.enabled and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    say = (log if dist.main else None) or (lambda message: None)  # one rank talks
+    if dist.enabled and config.batch_size < dist.world_size:
+        raise ValueError(
+            f"batch size {config.batch_size} is smaller than the {dist.world_size} processes: "
+            "every process needs tiles from each global batch"
+        )
     device = _device(config.device, dist)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before NCCL: each rank on its own GPU
+    owns_group = dist.enabled and not torch.distributed.is_initialized()
+    if owns_group:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     autocast = config.bf16 == "on" or (config.bf16 == "auto" and device.type == "cuda")
     out = Path(out_dir)
     store_path = Path(store_path)
@@ -367,13 +375,15 @@ def train(
                 seen += len(y)
                 rate = seen * dist.world_size / max(time.perf_counter() - started, 1e-9)
                 bars.advance(loss_sum / seen, lr_used, rate)
+            if dist.enabled:  # the loss over all ranks: every rank sees the same history
+                totals = torch.tensor([loss_sum, seen], dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(totals)
+                loss_sum, seen = float(totals[0]), int(totals[1])
             row: dict[str, Any] = {
                 "epoch": epoch,
                 "train_loss": loss_sum / max(seen, 1),
                 "lr": lr_used,
-                "train_tiles_per_s": seen
-                * dist.world_size
-                / max(time.perf_counter() - started, 1e-9),
+                "train_tiles_per_s": seen / max(time.perf_counter() - started, 1e-9),
             }
             if len(val_rows):
                 truth, predicted, val_loss = _predict_rows(model, val_loader, device, autocast)
@@ -434,8 +444,12 @@ def train(
             autocast,
             history,
         )
-    if dist.enabled:
-        torch.distributed.barrier()
+    if dist.enabled:  # waits for rank 0's report, and every rank returns it
+        shared = [final]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        final = shared[0]
+    if owns_group:
+        torch.distributed.destroy_process_group()
     return TrainResult(out, out / "best.pt", out / "last.pt", final)
 
 
