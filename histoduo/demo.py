@@ -46,19 +46,7 @@ class DemoConfig:
     def model_config(self) -> Any:
         from histoduo.models import ModelConfig
 
-        return ModelConfig(
-            arch="duoformer",
-            backbone="resnet18",
-            num_classes=len(DEFAULT_CLASSES),
-            input_size_px=self.tile_size_px,
-            patch_size_px=32,
-            stages=(2, 3, 4),
-            embed_dim=64,
-            scale_depth=1,
-            patch_depth=1,
-            scale_heads=4,
-            patch_heads=4,
-        )
+        return ModelConfig.small_cpu(len(DEFAULT_CLASSES), self.tile_size_px)
 
 
 @dataclass

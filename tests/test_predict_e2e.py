@@ -45,19 +45,7 @@ def _labelled_store(slides: list, folder: Path, name: str) -> Path:
 def _model_config():  # noqa: ANN202
     from histoduo.models import ModelConfig
 
-    return ModelConfig(
-        arch="duoformer",
-        backbone="resnet18",
-        input_size_px=64,
-        patch_size_px=32,
-        stages=(2, 3, 4),
-        embed_dim=64,
-        scale_depth=1,
-        patch_depth=1,
-        scale_heads=4,
-        patch_heads=4,
-        num_classes=len(CLASSES),
-    )
+    return ModelConfig.small_cpu(len(CLASSES))
 
 
 @pytest.fixture(scope="module")

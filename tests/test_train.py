@@ -24,10 +24,7 @@ from histoduo.training import LabelError, TrainConfig, evaluate, train
 from histoduo.training import loop as loop_module
 from histoduo.training.data import make_splits, tile_table
 
-SMALL = ModelConfig(
-    backbone="resnet18", input_size_px=64, patch_size_px=32, stages=(2, 3, 4), embed_dim=64,
-    scale_depth=1, patch_depth=1, scale_heads=4, patch_heads=4,
-)  # fmt: skip
+SMALL = ModelConfig.small_cpu()
 N_SLIDES = 5
 
 

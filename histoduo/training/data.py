@@ -244,7 +244,36 @@ def _batch_seed(seed: int, epoch: int, number: int, rank: int) -> int:
     return int(np.random.default_rng([seed, epoch, number, rank]).integers(2**62))
 
 
-class BalancedBatches:
+class _EpochBatches:
+    """Training batches seeded by (run seed, epoch); each rank keeps its slice of a batch.
+
+    Subclasses produce the global batches of one epoch from ``rng``; this class attaches
+    each batch's augmentation seed and hands rank ``r`` the rows ``r::world_size``.
+    """
+
+    def __init__(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.rank = rank
+        self.world_size = world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def global_batches(self, rng: np.random.Generator) -> Iterator[np.ndarray]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        for number, rows in enumerate(self.global_batches(rng)):
+            yield (
+                _batch_seed(self.seed, self.epoch, number, self.rank),
+                rows[self.rank :: self.world_size].tolist(),
+            )
+
+
+class BalancedBatches(_EpochBatches):
     """Batches with (nearly) equal tiles per class, drawn with replacement, seeded per epoch.
 
     Every rank of a distributed run draws the same global batches and keeps its own slice,
@@ -261,63 +290,40 @@ class BalancedBatches:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
+        super().__init__(batch_size, seed, rank, world_size)
         self.by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
-        self.batch_size = batch_size
         self.iterations = iterations
-        self.seed = seed
-        self.epoch = 0
-        self.rank = rank
-        self.world_size = world_size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.iterations
 
-    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
+    def global_batches(self, rng: np.random.Generator) -> Iterator[np.ndarray]:
         n_classes = len(self.by_class)
-        for number in range(self.iterations):
+        for _ in range(self.iterations):
             per_class = np.full(n_classes, self.batch_size // n_classes)
             per_class[rng.permutation(n_classes)[: self.batch_size % n_classes]] += 1
             rows = np.concatenate(
                 [rng.choice(members, size=k) for members, k in zip(self.by_class, per_class)]
             )
-            rows = rng.permutation(rows)
-            yield (
-                _batch_seed(self.seed, self.epoch, number, self.rank),
-                rows[self.rank :: self.world_size].tolist(),
-            )
+            yield rng.permutation(rows)
 
 
-class ShuffledBatches:
+class ShuffledBatches(_EpochBatches):
     """Every row once per epoch in a seeded order (for weighted-loss training)."""
 
     def __init__(
         self, n_rows: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
     ) -> None:
+        super().__init__(batch_size, seed, rank, world_size)
         self.n_rows = n_rows
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
-        self.rank = rank
-        self.world_size = world_size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return max(1, self.n_rows // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_rows)
-        for number, start in enumerate(range(0, len(self) * self.batch_size, self.batch_size)):
-            rows = order[start : start + self.batch_size]
-            yield (
-                _batch_seed(self.seed, self.epoch, number, self.rank),
-                rows[self.rank :: self.world_size].tolist(),
-            )
+    def global_batches(self, rng: np.random.Generator) -> Iterator[np.ndarray]:
+        order = rng.permutation(self.n_rows)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield order[start : start + self.batch_size]
 
 
 class SequentialBatches:
