@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_configs import tiny
 
 from histoduo.checkpoint import (
     CheckpointError,
@@ -70,16 +71,7 @@ def _tiny_meta(config: ModelConfig) -> CheckpointMeta:
 
 
 def test_round_trip_rebuilds_the_same_model(tmp_path: Path) -> None:
-    config = ModelConfig(
-        backbone="resnet18",
-        num_classes=2,
-        input_size_px=64,
-        embed_dim=32,
-        scale_depth=1,
-        patch_depth=1,
-        scale_heads=2,
-        patch_heads=2,
-    )
+    config = tiny(num_classes=2)
     model = build_model(config).eval()
     path = save_checkpoint(tmp_path / "m.pt", model.state_dict(), _tiny_meta(config))
     rebuilt, meta = load_model(path)
@@ -105,16 +97,7 @@ def test_foreign_files_fail_with_their_name(tmp_path: Path) -> None:
 
 
 def test_weights_that_do_not_fit_the_config(tmp_path: Path) -> None:
-    config = ModelConfig(
-        backbone="resnet18",
-        num_classes=2,
-        input_size_px=64,
-        embed_dim=32,
-        scale_depth=1,
-        patch_depth=1,
-        scale_heads=2,
-        patch_heads=2,
-    )
+    config = tiny(num_classes=2)
     state = build_model(config).state_dict()
     wrong = config.replace(embed_dim=64, scale_heads=2)
     path = save_checkpoint(tmp_path / "m.pt", state, _tiny_meta(wrong))

@@ -8,6 +8,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
+from model_configs import tiny
 
 from histoduo.models import (
     ModelConfig,
@@ -20,21 +21,6 @@ from histoduo.models import (
 from histoduo.models.info import model_info
 
 torch.set_num_threads(2)
-
-TINY = dict(
-    backbone="resnet18",
-    embed_dim=32,
-    scale_depth=1,
-    patch_depth=1,
-    scale_heads=2,
-    patch_heads=2,
-    input_size_px=64,
-    num_classes=3,
-)
-
-
-def tiny(**changes: object) -> ModelConfig:
-    return ModelConfig(**{**TINY, **changes})  # type: ignore[arg-type]
 
 
 @pytest.fixture(autouse=True)
