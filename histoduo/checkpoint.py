@@ -1,14 +1,24 @@
 """histoduo checkpoints: weights plus everything needed to use them without repeating flags.
 
-A checkpoint is a ``torch.save`` dict::
+A checkpoint is a `safetensors <https://github.com/huggingface/safetensors>`_ file (the
+``.pt`` name is kept so runs stay ``best.pt`` / ``last.pt``). Loading one never runs code:
+the tensors are raw little-endian buffers and everything else is JSON in the safetensors
+header (``__metadata__``)::
 
     format            "histoduo-checkpoint"
-    format_version    1
-    histoduo_version  str
-    meta              CheckpointMeta.to_dict(): model config, class names and roles, mpp,
-                      tile and input size, normalisation, training config, metrics, epoch
-    model_state       the model's state_dict (backbone included)
-    train_state       optional: optimizer / scheduler / sampler / RNG state for --resume
+    format_version    "2"
+    histoduo          JSON: {"histoduo_version", "meta", "train_state"}
+                      meta: CheckpointMeta.to_dict(): model config, class names and roles,
+                      mpp, tile and input size, normalisation, training config, metrics, epoch
+                      train_state (optional, for --resume): optimizer / scheduler state, epoch,
+                      history and RNG states, encoded by :func:`_encode` (tensors are
+                      references into the file, tuples and int-keyed dicts are tagged)
+    tensors           "model_state/<name>" (the model's state_dict, backbone included) and
+                      "train_state/<n>" (the optimizer's moment buffers, the torch RNG state)
+
+Format 1 checkpoints (histoduo 0.1, a ``torch.save`` pickle) can execute arbitrary code
+when unpickled; :func:`load_checkpoint` reads them only with ``trust=True``
+(``--trust-checkpoint``) and warns. Resave them with ``histoduo convert-checkpoint``.
 
 ``predict`` tiles slides from ``meta`` (mpp, tile size) and builds the model from
 ``meta.model_config``, so a checkpoint rebuilds the identical model with no flags.
@@ -16,19 +26,30 @@ A checkpoint is a ``torch.save`` dict::
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
+import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 CHECKPOINT_FORMAT = "histoduo-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+PICKLE_VERSION = 1  # the torch.save format of histoduo before safetensors checkpoints
+TRUST_FLAG = "--trust-checkpoint"
 
 _NORMAL_NAMES = {"normal", "benign", "healthy", "non_tumor", "non-tumor", "nontumor", "stroma"}
 _NECROSIS_NAMES = {"necrosis", "necrotic"}
 _LOW_WORDS = ("low",)
 _HIGH_WORDS = ("high",)
+# safetensors caps its JSON header at 100 MB; a bigger claimed header is a corrupt file.
+_MAX_HEADER_BYTES = 100_000_000
+_MODEL_PREFIX = "model_state/"
+_TRAIN_PREFIX = "train_state/"
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(Exception):
@@ -146,6 +167,80 @@ class CheckpointMeta:
         return ClassRoles.from_dict(self.class_roles)
 
 
+# --- plain-type encoding of training state ------------------------------------------------
+# JSON has no tensors, tuples or int dict keys, and optimizer state needs all three (its
+# ``state`` is keyed by parameter index). Tagged objects keep them; decoding accepts only
+# these tags, JSON scalars, lists and str-keyed dicts.
+_TENSOR_TAG = "__tensor__"
+_TUPLE_TAG = "__tuple__"
+_ITEMS_TAG = "__items__"
+_ARRAY_TAG = "__ndarray__"
+_TAGS = (_TENSOR_TAG, _TUPLE_TAG, _ITEMS_TAG, _ARRAY_TAG)
+
+
+def _encode(value: Any, tensors: dict[str, Any]) -> Any:
+    """``value`` as JSON-ready plain types; tensors move into ``tensors`` by reference."""
+    import numpy as np
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        name = f"{_TRAIN_PREFIX}{len(tensors)}"
+        tensors[name] = value.detach().cpu().contiguous()
+        return {_TENSOR_TAG: name}
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            raise TypeError(f"cannot store a numpy array of dtype {value.dtype}")
+        return {_ARRAY_TAG: value.tolist(), "dtype": value.dtype.str}
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, tuple):
+        return {_TUPLE_TAG: [_encode(v, tensors) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value) and not any(t in value for t in _TAGS):
+            return {k: _encode(v, tensors) for k, v in value.items()}
+        return {_ITEMS_TAG: [[_encode(k, tensors), _encode(v, tensors)] for k, v in value.items()]}
+    raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint")
+
+
+def _decode(value: Any, tensors: dict[str, Any]) -> Any:
+    import numpy as np
+
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if _TENSOR_TAG in value:
+        return tensors[value[_TENSOR_TAG]]
+    if _TUPLE_TAG in value:
+        return tuple(_decode(v, tensors) for v in value[_TUPLE_TAG])
+    if _ITEMS_TAG in value:
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in value[_ITEMS_TAG]}
+    if _ARRAY_TAG in value:
+        dtype = np.dtype(value["dtype"])
+        if dtype.kind not in "biuf":
+            raise ValueError(f"numpy dtype {dtype} is not allowed")
+        return np.asarray(value[_ARRAY_TAG], dtype=dtype)
+    return {k: _decode(v, tensors) for k, v in value.items()}
+
+
+def _unshared(state: dict[str, Any]) -> dict[str, Any]:
+    """CPU, contiguous tensors; safetensors refuses tensors that share memory (tied weights)."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach().cpu().contiguous()
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if tensor.numel() and key in seen:
+            tensor = tensor.clone()
+        seen.add(key)
+        out[name] = tensor
+    return out
+
+
 def save_checkpoint(
     path: str | Path,
     model_state: dict[str, Any],
@@ -153,50 +248,173 @@ def save_checkpoint(
     train_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint atomically (temporary file, then rename)."""
-    import torch
+    from safetensors.torch import save_file
 
     from histoduo import __version__
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_VERSION,
-        "histoduo_version": __version__,
-        "meta": meta.to_dict(),
-        "model_state": model_state,
-    }
+    tensors = {f"{_MODEL_PREFIX}{k}": v for k, v in model_state.items()}
+    train_tensors: dict[str, Any] = {}
+    header: dict[str, Any] = {"histoduo_version": __version__, "meta": meta.to_dict()}
     if train_state is not None:
-        payload["train_state"] = train_state
+        header["train_state"] = _encode(train_state, train_tensors)
+    tensors.update(train_tensors)
+    metadata = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": str(CHECKPOINT_VERSION),
+        "histoduo": json.dumps(header),
+    }
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        save_file(_unshared(tensors), str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:
-    """The checkpoint dict, or a CheckpointError saying why the file is not one."""
+# --- loading -------------------------------------------------------------------------------
+
+
+def sniff_format(path: Path) -> str:
+    """'safetensors', 'torch-zip', 'torch-pickle' (old torch.save) or 'unknown', from the
+    first bytes only (nothing is parsed or unpickled)."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+        size = os.fstat(handle.fileno()).st_size
+    if head.startswith(b"PK\x03\x04"):
+        return "torch-zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "torch-pickle"
+    if len(head) == 9:
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if head[8:9] == b"{" and 8 + header_len <= size and header_len <= _MAX_HEADER_BYTES:
+            return "safetensors"
+    return "unknown"
+
+
+def _pickle_names_histoduo(path: Path) -> bool:
+    """Whether a torch zip file's pickle mentions our format tag, read with ``pickletools``
+    (which lists opcodes and never builds objects, so nothing runs)."""
+    import pickletools
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+            data = archive.read(name)
+        return any(arg == CHECKPOINT_FORMAT for _, arg, _ in pickletools.genops(data))
+    except Exception:  # not a zip, no pickle, a malformed pickle: just not recognised
+        return False
+
+
+def untrusted_pickle_error(path: Path, what: str = "checkpoint") -> CheckpointError:
+    return CheckpointError(
+        path,
+        f"this {what} is a pickle (torch.save), and loading a pickle can run any code it "
+        f"contains. histoduo does not load pickles unless told to: if you trust where the "
+        f"file comes from, pass {TRUST_FLAG} (and resave it with `histoduo "
+        f"convert-checkpoint` for checkpoints, or as .safetensors for weights)",
+    )
+
+
+def warn_trusted_pickle(path: Path) -> None:
+    log.warning(
+        "warning: %s is a pickle; loading it with %s runs any code inside it. Only do this "
+        "for files from a source you trust.",
+        path,
+        TRUST_FLAG,
+    )
+
+
+def _load_pickled(path: Path, map_location: str) -> dict[str, Any]:
     import pickle
 
     import torch
 
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(path, "checkpoint not found")
+    warn_trusted_pickle(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=False)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
         raise CheckpointError(path, f"not a readable torch checkpoint ({exc})") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise _foreign(path)
+    return payload
+
+
+def _foreign(path: Path) -> CheckpointError:
+    return CheckpointError(
+        path,
+        "not a histoduo checkpoint (no 'format': 'histoduo-checkpoint'); to use backbone "
+        "weights from another project, pass the file with --backbone-weights",
+    )
+
+
+def _load_safetensors(path: Path, map_location: str) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device=map_location) as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != CHECKPOINT_FORMAT:
+                raise _foreign(path)
+            version = int(metadata.get("format_version", "0"))
+            if version > CHECKPOINT_VERSION:
+                raise CheckpointError(
+                    path,
+                    f"checkpoint format {version} is newer than this histoduo; upgrade histoduo",
+                )
+            header = json.loads(metadata["histoduo"])
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except CheckpointError:
+        raise
+    except Exception as exc:  # SafetensorError, JSON errors, missing keys, truncation
+        raise CheckpointError(path, f"not a readable histoduo checkpoint ({exc})") from exc
+    payload: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": version,
+        "histoduo_version": header.get("histoduo_version", ""),
+        "meta": header.get("meta"),
+        "model_state": {
+            k[len(_MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_MODEL_PREFIX)
+        },
+    }
+    if "train_state" in header:
+        try:
+            payload["train_state"] = _decode(header["train_state"], tensors)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(path, f"training state is damaged ({exc})") from exc
+    return payload
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str = "cpu", *, trust: bool = False
+) -> dict[str, Any]:
+    """The checkpoint dict, or a CheckpointError saying why the file is not one.
+
+    Pickled (format 1) files load only with ``trust``: unpickling can execute code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "checkpoint not found")
+    try:
+        kind = sniff_format(path)
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot read the file ({exc})") from exc
+    if kind == "safetensors":
+        payload = _load_safetensors(path, map_location)
+    elif kind in ("torch-zip", "torch-pickle"):
+        if not trust:
+            if kind == "torch-zip" and not _pickle_names_histoduo(path):
+                raise _foreign(path)
+            raise untrusted_pickle_error(path)
+        payload = _load_pickled(path, map_location)
+    elif path.stat().st_size == 0:
+        raise CheckpointError(path, "the file is empty (0 bytes)")
+    else:
         raise CheckpointError(
-            path,
-            "not a histoduo checkpoint (no 'format': 'histoduo-checkpoint'); to use backbone "
-            "weights from another project, pass the file with --backbone-weights",
-        )
-    version = int(payload.get("format_version", 0))
-    if version > CHECKPOINT_VERSION:
-        raise CheckpointError(
-            path, f"checkpoint format {version} is newer than this histoduo; upgrade histoduo"
+            path, "not a histoduo checkpoint (neither a safetensors nor a torch file)"
         )
     try:
         CheckpointMeta.from_dict(payload["meta"])
@@ -205,18 +423,30 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, An
     return payload
 
 
-def load_model(path: str | Path, map_location: str = "cpu") -> tuple[Any, CheckpointMeta]:
+def load_model(
+    path: str | Path, map_location: str = "cpu", *, trust: bool = False
+) -> tuple[Any, CheckpointMeta]:
     """(model in eval mode, meta) rebuilt from a checkpoint alone."""
     from histoduo.models import ModelConfig, build_model
 
-    payload = load_checkpoint(path, map_location)
+    payload = load_checkpoint(path, map_location, trust=trust)
     meta = CheckpointMeta.from_dict(payload["meta"])
     # The state dict holds the backbone; never re-read the original weights file.
-    config = ModelConfig.from_dict(meta.model_config).replace(backbone_weights=None)
-    model = build_model(config)
+    try:
+        config = ModelConfig.from_dict(meta.model_config).replace(backbone_weights=None)
+        model = build_model(config)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(path, f"the stored model config is not usable ({exc})") from exc
     try:
         model.load_state_dict(payload["model_state"])
     except RuntimeError as exc:
         raise CheckpointError(path, f"weights do not fit the stored model config ({exc})") from exc
     model.eval()
     return model, meta
+
+
+def convert_checkpoint(source: str | Path, target: str | Path) -> Path:
+    """Resave a (trusted) format-1 pickle checkpoint as a safetensors checkpoint."""
+    payload = load_checkpoint(source, trust=True)
+    meta = CheckpointMeta.from_dict(payload["meta"])
+    return save_checkpoint(target, payload["model_state"], meta, payload.get("train_state"))

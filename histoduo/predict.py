@@ -545,6 +545,7 @@ def predict_run(
     shard: tuple[int, int] | None = None,
     log: Callable[[str], None] | None = None,
     model_and_meta: tuple[Any, CheckpointMeta] | None = None,
+    trust_checkpoint: bool = False,
 ) -> PredictReport:
     """Predict every slide (or every slide of ``tiles_store``) into ``out_dir``.
 
@@ -557,12 +558,12 @@ def predict_run(
 
     say = log or (lambda message: None)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     if model_and_meta is None:
-        model, meta = load_model(checkpoint)
+        model, meta = load_model(checkpoint, trust=trust_checkpoint)  # pickles need trust
     else:
         model, meta = model_and_meta
+    out.mkdir(parents=True, exist_ok=True)  # after the model loads: a bad one leaves nothing
     predictor = TilePredictor(model, meta, params)
     workers = default_workers() if params.workers is None else params.workers
     tiling = _tiling_for(meta, params, say)

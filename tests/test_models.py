@@ -257,9 +257,12 @@ def test_load_torchvision_layout_pth_with_wrapper(tmp_path) -> None:
     state = _torchvision_resnet18_state()
     path = tmp_path / "swav_r18.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, path)
-    model = build_model(tiny(backbone_weights=str(path), freeze_backbone=True))
+    # A .pth is a pickle: refused unless trusted, then read with the tensors-only loader.
+    with pytest.raises(WeightsError, match=r"swav_r18\.pth.*pickle.*--trust-checkpoint"):
+        build_model(tiny(backbone_weights=str(path)))
+    model = build_model(tiny(backbone_weights=str(path), freeze_backbone=True), trust_weights=True)
     _assert_backbone_equals(model, state)
-    report = load_backbone_file(build_model(tiny()).backbone, path)
+    report = load_backbone_file(build_model(tiny()).backbone, path, trust=True)
     assert report.prefix_stripped == "module."
     assert sorted(report.ignored_head) == ["module.fc.bias", "module.fc.weight"]
     assert not report.missing and not report.unexpected
@@ -286,9 +289,11 @@ def test_weights_for_another_architecture_fail_clearly(tmp_path) -> None:
     path = tmp_path / "r18.pt"
     torch.save(state, path)
     with pytest.raises(WeightsError, match=r"r18\.pt does not (fit|look like)"):
-        build_model(tiny(backbone="resnet50", backbone_weights=str(path)))
+        build_model(tiny(backbone="resnet50", backbone_weights=str(path)), trust_weights=True)
     with pytest.raises(WeightsError, match=r"r18\.pt does not look like weights.* tensors match"):
-        build_model(tiny(backbone="efficientnet_b0", backbone_weights=str(path)))
+        build_model(
+            tiny(backbone="efficientnet_b0", backbone_weights=str(path)), trust_weights=True
+        )
     with pytest.raises(WeightsError, match="not found"):
         build_model(tiny(backbone_weights=str(tmp_path / "missing.pth")))
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from histoduo.checkpoint import load_model
+from histoduo.checkpoint import load_checkpoint, load_model
 from histoduo.cli import app
 from histoduo.models import ModelConfig
 from histoduo.sources import SlideSource
@@ -108,7 +108,7 @@ def test_checkpoint_rebuilds_the_identical_model(trained, labelled_store: Path) 
     assert meta.class_names == list(DEFAULT_CLASSES)
     assert meta.roles.grades == ["low_grade", "high_grade"]
     assert meta.target_mpp == 0.5 and meta.tile_size_px == 64 and meta.input_size_px == 64
-    state = torch.load(trained.best_checkpoint, weights_only=False)["model_state"]
+    state = load_checkpoint(trained.best_checkpoint)["model_state"]
     again, _ = load_model(trained.best_checkpoint)
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
@@ -135,8 +135,8 @@ def test_resume_continues_exactly(
     resumed = train(labelled_store, tmp_path / "split", config, model_config=SMALL,
                     resume=True, progress=False)  # fmt: skip
 
-    a = torch.load(whole.last_checkpoint, weights_only=False)
-    b = torch.load(resumed.last_checkpoint, weights_only=False)
+    a = load_checkpoint(whole.last_checkpoint)
+    b = load_checkpoint(resumed.last_checkpoint)
     for key, value in a["model_state"].items():
         assert torch.allclose(value.float(), b["model_state"][key].float(), atol=1e-5), key
     metrics_a = pd.read_csv(whole.run_dir / "metrics.csv")

@@ -30,6 +30,7 @@ import pandas as pd
 import pytest
 import torch
 
+from histoduo.checkpoint import load_checkpoint
 from histoduo.models import ModelConfig, build_model
 from histoduo.synthetic import DEFAULT_CLASSES
 from histoduo.training import TrainConfig, train
@@ -119,8 +120,8 @@ def test_two_processes_match_one(small_store: Path, tmp_path: Path) -> None:
     assert launcher.returncode == 0, output[-4000:]
     assert time.perf_counter() - started < TIMEOUT_S
 
-    a = torch.load(one.last_checkpoint, weights_only=False)["model_state"]
-    b = torch.load(tmp_path / "two" / "last.pt", weights_only=False)["model_state"]
+    a = load_checkpoint(one.last_checkpoint)["model_state"]
+    b = load_checkpoint(tmp_path / "two" / "last.pt")["model_state"]
     assert a.keys() == b.keys()
     for key, value in a.items():
         assert torch.allclose(value.float(), b[key].float(), atol=1e-5, rtol=1e-4), key

@@ -79,3 +79,11 @@ OutFile = Annotated[Path, typer.Option("--out", "-o", help="Output file.")]
 MinTissue = Annotated[
     float, typer.Option("--min-tissue", help="Minimum tissue fraction of a tile (0-1).")
 ]
+TrustCheckpoint = Annotated[
+    bool,
+    typer.Option(
+        "--trust-checkpoint",
+        help="Also load pickled (torch.save) checkpoints and weight files, the format of "
+        "histoduo 0.1. A pickle can run any code on load: only for files you trust.",
+    ),
+]

@@ -30,6 +30,7 @@ from histoduo.cli._model_options import (
     Stages,
     model_config_from_options,
 )
+from histoduo.cli._options import TrustCheckpoint
 
 
 @app.command("model-info")
@@ -63,6 +64,7 @@ def model_info_command(
         bool, typer.Option(help="Measure activation memory (runs a forward).")
     ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    trust_checkpoint: TrustCheckpoint = False,
 ) -> None:
     """Parameters, GFLOPs per tile, tokens per stage and activation memory of a model."""
 
@@ -72,8 +74,9 @@ def model_info_command(
 
     if checkpoint is not None:
         try:
-            config = ModelConfig.from_dict(load_checkpoint(checkpoint)["meta"]["model_config"])
-        except CheckpointError as err:
+            payload = load_checkpoint(checkpoint, trust=trust_checkpoint)
+            config = ModelConfig.from_dict(payload["meta"]["model_config"])
+        except (CheckpointError, TypeError, ValueError) as err:
             raise fail(str(err)) from err
     else:
         config = model_config_from_options(
@@ -133,3 +136,29 @@ def model_info_command(
         )
         table.add_row("memory measured as", info.activation_method)
     Console().print(table)
+
+
+@app.command("convert-checkpoint")
+def convert_checkpoint_command(
+    source: Annotated[Path, typer.Argument(help="A pickled histoduo 0.1 checkpoint (.pt).")],
+    target: Annotated[Path, typer.Argument(help="Where to write the safe checkpoint.")],
+    trust_checkpoint: TrustCheckpoint = False,
+) -> None:
+    """Resave an old pickled checkpoint in the safe format (safetensors + JSON).
+
+    Reading the old file unpickles it, which can run code: --trust-checkpoint is required.
+    """
+    from histoduo.checkpoint import TRUST_FLAG, CheckpointError, convert_checkpoint
+
+    if not trust_checkpoint:
+        raise fail(
+            f"{source}: converting unpickles the file, which can run any code in it; pass "
+            f"{TRUST_FLAG} if you trust where it comes from"
+        )
+    if target.resolve() == source.resolve():
+        raise fail(f"{target}: write the converted checkpoint to a new file")
+    try:
+        written = convert_checkpoint(source, target)
+    except CheckpointError as err:
+        raise fail(str(err)) from err
+    typer.echo(f"wrote {written}")

@@ -16,6 +16,7 @@ from histoduo.cli._options import (
     Shard,
     SkipErrors,
     SlideMpp,
+    TrustCheckpoint,
 )
 
 
@@ -115,6 +116,7 @@ def predict_command(
     skip_errors: SkipErrors = False,
     overwrite: Overwrite = False,
     shard: Shard = None,
+    trust_checkpoint: TrustCheckpoint = False,
     quiet: Quiet = False,
 ) -> None:
     """Predict tile classes and a slide-level ccRCC grade for every slide.
@@ -184,6 +186,7 @@ def predict_command(
             skip_errors=skip_errors,
             shard=shard_kn,
             log=log,
+            trust_checkpoint=trust_checkpoint,
         )
     except CheckpointError as exc:
         raise fail(str(exc)) from exc

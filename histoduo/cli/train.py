@@ -33,7 +33,7 @@ from histoduo.cli._model_options import (
     Stages,
     model_config_from_options,
 )
-from histoduo.cli._options import Quiet
+from histoduo.cli._options import Quiet, TrustCheckpoint
 
 Store = Annotated[Path, typer.Argument(help="Tile store with labelled tiles.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cuda or cpu.")]
@@ -163,6 +163,7 @@ def train_command(
     device: Device = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+    trust_checkpoint: TrustCheckpoint = False,
     quiet: Quiet = False,
 ) -> None:
     """Train DuoFormer (or a baseline) on the labelled tiles of a store, splitting by slide."""
@@ -219,6 +220,7 @@ def train_command(
             resume=resume,
             progress=not quiet,
             log=console.print,
+            trust_checkpoint=trust_checkpoint,
         )
     except (LabelError, StoreError, CheckpointError, ValueError, RuntimeError) as exc:
         raise fail(str(exc)) from None
@@ -247,6 +249,7 @@ def evaluate_command(
         typer.Option("--out", "-o", help="Write the report JSON here.", show_default=False),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    trust_checkpoint: TrustCheckpoint = False,
 ) -> None:
     """Balanced accuracy, per-class recall/precision/F1 and confusion matrix on a store."""
     from histoduo.checkpoint import CheckpointError
@@ -256,7 +259,15 @@ def evaluate_command(
     if split not in ("all", "train", "val", "test"):
         raise fail(f"--split must be all, train, val or test, got {split!r}")
     try:
-        report = evaluate(store, model, split, splits, slide_labels_csv=slide_labels, device=device)
+        report = evaluate(
+            store,
+            model,
+            split,
+            splits,
+            slide_labels_csv=slide_labels,
+            device=device,
+            trust_checkpoint=trust_checkpoint,
+        )
     except (LabelError, StoreError, CheckpointError, ValueError) as exc:
         raise fail(str(exc)) from None
     if out is not None:

@@ -72,8 +72,11 @@ def validate_config(config: ModelConfig) -> None:
             )
 
 
-def build_model(config: ModelConfig) -> HistoClassifier:
-    """Build the classifier a config describes, with its backbone weights loaded/frozen."""
+def build_model(config: ModelConfig, *, trust_weights: bool = False) -> HistoClassifier:
+    """Build the classifier a config describes, with its backbone weights loaded/frozen.
+
+    ``trust_weights`` allows a pickled (torch.save) backbone weights file; see weights.py.
+    """
     validate_config(config)
     levels = feature_levels(config.backbone)
     out_indices = resolve_stages(config, levels)
@@ -88,7 +91,7 @@ def build_model(config: ModelConfig) -> HistoClassifier:
     else:
         backbone = create_backbone(config, out_indices)
     if config.backbone_weights is not None and not pretrained:
-        report = load_backbone_file(backbone, config.backbone_weights)
+        report = load_backbone_file(backbone, config.backbone_weights, trust=trust_weights)
         log.info("backbone weights: %s", report.summary())
         if report.missing:
             log.warning("backbone tensors not in %s: %s", report.path, report.missing[:10])

@@ -82,19 +82,37 @@ def offline_hint(backbone_name: str, err: Exception) -> WeightsError:
     )
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` or torch file, unwrapped from ``state_dict``/``model``."""
+def read_state_dict(path: str | Path, *, trust: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` or torch file, unwrapped from ``state_dict``/``model``.
+
+    A torch file is a pickle, and unpickling can run code: it is read only with ``trust``
+    (``--trust-checkpoint``), and then still with torch's tensors-only loader first.
+    """
+    from histoduo.checkpoint import sniff_format, untrusted_pickle_error, warn_trusted_pickle
+
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"backbone weights file not found: {path}")
-    if path.suffix == ".safetensors":
+    kind = sniff_format(path)
+    if kind == "safetensors" or path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as err:  # SafetensorError: truncated or not a safetensors file
+            raise WeightsError(f"cannot read {path} as a safetensors file: {err}") from err
+    if kind == "unknown":
+        raise WeightsError(f"{path} is neither a safetensors nor a torch weights file")
+    if not trust:
+        raise WeightsError(str(untrusted_pickle_error(path, "weights file")))
+    warn_trusted_pickle(path)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle of arbitrary objects, corrupt file, not a torch file
-        raise WeightsError(f"cannot read {path} as a torch weights file: {err}") from err
+    except Exception:  # objects beyond tensors: the user vouched for the file
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # corrupt file, not a torch file
+            raise WeightsError(f"cannot read {path} as a torch weights file: {err}") from err
     # Unwrap nested containers until a flat name -> tensor mapping remains.
     while isinstance(data, Mapping) and not any(isinstance(v, torch.Tensor) for v in data.values()):
         inner = next((data[k] for k in _WRAPPER_KEYS if isinstance(data.get(k), Mapping)), None)
@@ -125,7 +143,7 @@ def _best_prefix(source_keys: list[str], target_keys: set[str]) -> str:
     return max(counts, key=lambda p: (counts[p], -len(p)))
 
 
-def load_backbone_file(backbone: nn.Module, path: str | Path) -> LoadReport:
+def load_backbone_file(backbone: nn.Module, path: str | Path, *, trust: bool = False) -> LoadReport:
     """Load a local trunk file into a timm ``features_only`` backbone, reporting mismatches.
 
     Accepts timm and torchvision key layouts (identical for ResNets), ``module.``/
@@ -133,7 +151,7 @@ def load_backbone_file(backbone: nn.Module, path: str | Path) -> LoadReport:
     ignores classifier heads (``fc.*`` ...). Raises :class:`WeightsError` naming the file when
     shapes disagree or too few tensors match (a file for another architecture).
     """
-    source = read_state_dict(path)
+    source = read_state_dict(path, trust=trust)
     target = backbone.state_dict()
     prefix = _best_prefix(list(source), set(target))
     renamed: dict[str, torch.Tensor] = {}

@@ -199,12 +199,14 @@ def train(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    trust_checkpoint: bool = False,
 ) -> TrainResult:
     """Train a classifier on the labelled tiles of a store; returns where everything is.
 
     ``out_dir`` receives config.json, splits.csv, metrics.csv, last.pt, best.pt,
     training_curves.png, confusion_val.png / confusion_test.png and report.json.
     ``resume=True`` continues from ``out_dir/last.pt`` exactly where it stopped.
+    ``trust_checkpoint`` allows pickled (old-format) checkpoints and backbone weight files.
     """
     import torch
 
@@ -250,7 +252,7 @@ def train(
     if model_config.num_classes != n_classes:
         model_config = model_config.replace(num_classes=n_classes)
     _seed_everything(config.seed)
-    model = build_model(model_config)
+    model = build_model(model_config, trust_weights=trust_checkpoint)
     mean, std = (list(v) for v in model.normalization)
     model = model.to(device)
     if config.channels_last:
@@ -309,7 +311,7 @@ def train(
     start_epoch, best_score, history = 1, -1.0, []
     if resume:
         last = out / "last.pt"
-        payload = load_checkpoint(last)
+        payload = load_checkpoint(last, trust=trust_checkpoint)
         state = payload.get("train_state")
         if state is None:
             raise LabelError(f"{last}: has no training state to resume from")
@@ -443,6 +445,7 @@ def train(
             device,
             autocast,
             history,
+            trust_checkpoint,
         )
     if dist.enabled:  # waits for rank 0's report, and every rank returns it
         shared = [final]
@@ -481,12 +484,13 @@ def _final_report(
     device: Any,
     autocast: bool,
     history: list[dict[str, Any]],
+    trust_checkpoint: bool = False,
 ) -> dict[str, Any]:
     """Evaluate best.pt on validation and test; write report.json and confusion PNGs."""
     from histoduo.checkpoint import load_model
     from histoduo.training.plots import confusion_matrix_plot
 
-    model, meta = load_model(out / "best.pt")
+    model, meta = load_model(out / "best.pt", trust=trust_checkpoint)
     model = model.to(device)
     report: dict[str, Any] = {
         "best_epoch": meta.epoch,
@@ -526,6 +530,7 @@ def evaluate(
     device: str = "auto",
     batch_size: int = 64,
     num_workers: int | None = None,
+    trust_checkpoint: bool = False,
 ) -> dict[str, Any]:
     """The classification report of a checkpoint on a store's labelled tiles.
 
@@ -534,7 +539,7 @@ def evaluate(
     """
     from histoduo.checkpoint import load_model
 
-    model, meta = load_model(checkpoint)
+    model, meta = load_model(checkpoint, trust=trust_checkpoint)
     store = TileStore(store_path)
     table = tile_table(store, slide_labels_csv)
     if table.class_names != meta.class_names:
