@@ -264,9 +264,16 @@ def ring_area(ring: np.ndarray) -> float:
 
 
 def mask_to_polygons(
-    mask: np.ndarray, downsample: float, min_area_px: float = 4.0
+    mask: np.ndarray,
+    downsample: float,
+    min_area_px: float = 4.0,
+    level0_size: tuple[int, int] | None = None,
 ) -> list[Polygon]:
     """Outlines of a boolean mask as polygons (holes attached) in level-0 pixels.
+
+    ``level0_size`` (width, height) is the extent the mask covers: a mask read as
+    round(width / downsample) px is not exactly ``downsample`` per px, so with it the mask is
+    scaled onto the slide exactly and every point lies within [0, width] x [0, height].
 
     Contours come from skimage.measure.find_contours on a zero-padded mask, so objects that
     touch the border still close. Rings whose area is below ``min_area_px`` mask pixels are
@@ -305,12 +312,24 @@ def mask_to_polygons(
                 break
         parents.append(parent)
         depths.append(depth)
+    if level0_size is None:
+        scale = np.array([downsample, downsample])
+        upper = None
+    else:
+        upper = np.array(level0_size, dtype=np.float64)
+        scale = upper / np.array([mask.shape[1], mask.shape[0]], dtype=np.float64)
+
+    def to_level0(ring: np.ndarray) -> np.ndarray:
+        # Rings lie within [0, mask w] x [0, mask h]; the clip only absorbs float rounding.
+        xy = ring * scale
+        return xy if upper is None else np.clip(xy, 0.0, upper)
+
     polygons: dict[int, Polygon] = {}
     for i, ring in enumerate(rings):
         if depths[i] % 2 == 0:
-            polygons[i] = (ring * downsample, [])
+            polygons[i] = (to_level0(ring), [])
         else:
             parent = parents[i]
             if parent is not None and parent in polygons:
-                polygons[parent][1].append(ring * downsample)
+                polygons[parent][1].append(to_level0(ring))
     return list(polygons.values())

@@ -364,8 +364,9 @@ def write_slide_outputs(
     atomic_write_text(slide_dir / "tiles.csv", tiles_table_text(scores))
     write_feature_collection(slide_dir / "tiles.geojson", tile_features(scores))
     mask = TissueMask(
-        scores.tissue_mask, scores.mask_downsample, scores.thumbnail, scores.slide_mpp
-    )
+        scores.tissue_mask, scores.mask_downsample, scores.thumbnail, scores.slide_mpp,
+        level0_size=(scores.slide_width, scores.slide_height),
+    )  # fmt: skip
     write_feature_collection(slide_dir / "tissue.geojson", tissue_features(mask))
     if heatmap:
         from histoduo.heatmap import HeatmapStyle, render_slide_maps

@@ -66,6 +66,8 @@ class TissueMask:
     slide_mpp: float | None
     saturation_threshold_used: float | None = None
     params: TissueParams | None = None
+    # (width, height) of level 0; outlines are scaled onto it and never leave it.
+    level0_size: tuple[int, int] | None = None
     _sat: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -329,12 +331,15 @@ def detect_tissue(
         slide_mpp=slide_mpp,
         saturation_threshold_used=threshold,
         params=params,
+        level0_size=(int(slide.dimensions[0]), int(slide.dimensions[1])),
     )
 
 
 def tissue_contours(mask: TissueMask, min_area_px: float = 4.0) -> list[Polygon]:
     """Tissue outlines as polygons (exterior, holes) in level-0 px."""
-    return mask_to_polygons(mask.mask, mask.downsample, min_area_px=min_area_px)
+    return mask_to_polygons(
+        mask.mask, mask.downsample, min_area_px=min_area_px, level0_size=mask.level0_size
+    )
 
 
 # --- outputs ------------------------------------------------------------------------------

@@ -337,3 +337,22 @@ def test_cli_errors(cli_app: object, tmp_path: Path) -> None:
         cli_app, ["tissue", str(blank), "--out", str(tmp_path / "o"), "--roi", str(bad_roi)]
     )
     assert result.exit_code != 0 and "bad.geojson" in _text(result.output)
+
+
+def test_outline_stays_within_slide_bounds(tmp_path: Path) -> None:
+    # 1020 x 763 px at 0.5 um with a 8 um mask: 63.75 x 47.7 mask px round up to 64 x 48, so
+    # outlines scaled by the nominal 16 px per mask px used to reach x=1024, y=768.
+    width0, height0 = 1020, 763
+    rgb = np.full((height0, width0, 3), BACKGROUND, dtype=np.uint8)
+    rgb[:, width0 // 3 :] = (170, 90, 150)  # tissue up to the right and bottom edges
+    path = write_pyramid_tiff(tmp_path / "edge.tiff", rgb, mpp=0.5, levels=1)
+    with open_slide(path) as slide:
+        mask = detect_tissue(slide, TissueParams(mask_mpp=8.0))
+    assert mask.mask.shape == (48, 64)
+    paths = save_tissue_outputs(mask, tmp_path, "edge")
+    points = np.concatenate(
+        [ring for a in read_annotations(paths["geojson"]) for ext, holes in a.geometry
+         for ring in [ext, *holes]]
+    )  # fmt: skip
+    assert points[:, 0].min() >= 0 and points[:, 1].min() >= 0
+    assert points[:, 0].max() == width0 and points[:, 1].max() == height0  # reaches, not past
