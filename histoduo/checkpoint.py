@@ -27,10 +27,10 @@ when unpickled; :func:`load_checkpoint` reads them only with ``trust=True``
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import struct
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +48,6 @@ _HIGH_WORDS = ("high",)
 _MAX_HEADER_BYTES = 100_000_000
 _MODEL_PREFIX = "model_state/"
 _TRAIN_PREFIX = "train_state/"
-
-log = logging.getLogger(__name__)
 
 
 class CheckpointError(Exception):
@@ -320,11 +318,11 @@ def untrusted_pickle_error(path: Path, what: str = "checkpoint") -> CheckpointEr
 
 
 def warn_trusted_pickle(path: Path) -> None:
-    log.warning(
-        "warning: %s is a pickle; loading it with %s runs any code inside it. Only do this "
-        "for files from a source you trust.",
-        path,
-        TRUST_FLAG,
+    # Straight to stderr, not a logger nobody configured: this warning must be seen.
+    print(
+        f"warning: {path} is a pickle; loading it with {TRUST_FLAG} runs any code inside it. "
+        "Only do this for files from a source you trust.",
+        file=sys.stderr,
     )
 
 

@@ -159,6 +159,68 @@ def read_annotations(path: str | Path) -> list[Annotation]:
     return [_annotation_from_feature(f, path) for f in features]
 
 
+# --- checking annotations against a slide ----------------------------------------------------
+# Rings with more vertices than this are not searched for self-crossings (O(n^2) pairs).
+_MAX_CHECKED_RING_POINTS = 20_000
+
+
+def _self_crossing(ring: np.ndarray) -> tuple[float, float] | None:
+    """A point where two non-adjacent edges of ``ring`` properly cross, or None."""
+    n = len(ring)
+    if n < 4 or n > _MAX_CHECKED_RING_POINTS:
+        return None
+    a, b = ring, np.roll(ring, -1, axis=0)
+
+    def orient(p: np.ndarray, q: np.ndarray, r: np.ndarray) -> np.ndarray:
+        return (q[..., 0] - p[..., 0]) * (r[..., 1] - p[..., 1]) - (q[..., 1] - p[..., 1]) * (
+            r[..., 0] - p[..., 0]
+        )
+
+    for start in range(0, n, 512):
+        p, q = a[start : start + 512, None], b[start : start + 512, None]
+        # Strict signs: edges that only touch or share an end point (neighbours) pass.
+        cross = (orient(p, q, a[None]) * orient(p, q, b[None]) < 0) & (
+            orient(a[None], b[None], p) * orient(a[None], b[None], q) < 0
+        )
+        hits = np.argwhere(cross)
+        if len(hits):
+            i, j = int(hits[0][0]) + start, int(hits[0][1])
+            d1, d2 = orient(a[j], b[j], a[i]), orient(a[j], b[j], b[i])
+            x, y = a[i] + (b[i] - a[i]) * (d1 / (d1 - d2))
+            return float(x), float(y)
+    return None
+
+
+def check_annotations(
+    annotations: list[Annotation], path: str | Path, level0_size: tuple[int, int]
+) -> None:
+    """ValueError naming ``path`` for annotations no label or region can be taken from: a
+    self-crossing polygon (which side is inside is undefined) or a feature lying wholly
+    outside the slide's level-0 bounds (coordinates in another unit, or another slide's)."""
+    width0, height0 = level0_size
+    for number, annotation in enumerate(annotations, start=1):
+        what = f"feature {number}" + (
+            f" ({annotation.class_name!r})" if annotation.class_name else ""
+        )
+        points = [ring for ext, holes in annotation.geometry for ring in [ext, *holes]]
+        for ring in points:
+            crossing = _self_crossing(ring)
+            if crossing is not None:
+                raise ValueError(
+                    f"{path}: {what} is a self-intersecting polygon (its edges cross near "
+                    f"x={crossing[0]:.0f}, y={crossing[1]:.0f}); redraw or repair it"
+                )
+        if points:
+            xy = np.concatenate(points)
+            lo, hi = xy.min(axis=0), xy.max(axis=0)
+            if hi[0] <= 0 or hi[1] <= 0 or lo[0] >= width0 or lo[1] >= height0:
+                raise ValueError(
+                    f"{path}: {what} lies entirely outside the slide (x {lo[0]:.0f}-{hi[0]:.0f}, "
+                    f"y {lo[1]:.0f}-{hi[1]:.0f}; the slide is {width0} x {height0} level-0 px); "
+                    "coordinates must be level-0 pixels of this slide"
+                )
+
+
 # --- writing --------------------------------------------------------------------------------
 def _closed_ring(ring: np.ndarray) -> list[list[float]]:
     """GeoJSON rings repeat their first point at the end."""

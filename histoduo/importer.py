@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from histoduo.slide import unsafe_name_reason
 from histoduo.store import (
     SlideGroupData,
     SlidePartWriter,
@@ -268,9 +269,12 @@ def read_labels_csv(
         slide = row.get("slide", "").strip()
         patient = row.get("patient", "").strip() or None
         mpp = _parse_mpp(row.get("mpp", ""), where)
-        entries.append(
-            ImageEntry(path, rel, names.index(label_name), slide or patient or rel, patient, mpp)
-        )
+        group = slide or patient or rel
+        if slide or patient:
+            reason = unsafe_name_reason(group)
+            if reason is not None:  # the group becomes a slide name, and predict's OUT/<slide>
+                raise ImageImportError(where, f"slide/patient id {group!r} {reason}")
+        entries.append(ImageEntry(path, rel, names.index(label_name), group, patient, mpp))
     if not entries:
         raise ImageImportError(csv_path, "lists no images")
     return entries, names, len(set(on_disk) - seen)
@@ -568,6 +572,12 @@ def import_images(
             warn(f"{unlisted} image(s) in {folder} are not in {labels_csv} and were not imported")
     else:
         entries, class_names = scan_folder(folder, params.class_names)
+    if len(class_names) < 2:
+        raise ImageImportError(
+            labels_csv or folder,
+            f"only one class ({', '.join(class_names) or 'none'}): a classifier needs at least "
+            "two; add a folder per class, or list every class of the cohort with --classes",
+        )
 
     skipped: list[dict[str, str]] = []
 

@@ -86,6 +86,10 @@ class PredictParams:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.stride_px is not None and self.stride_px < 1:
             raise ValueError(f"stride must be >= 1 px, got {self.stride_px}")
+        if self.tile_size_px is not None and self.tile_size_px < 8:
+            raise ValueError(f"tile size must be at least 8 px, got {self.tile_size_px}")
+        if self.mpp is not None and not (self.mpp > 0 and math.isfinite(self.mpp)):
+            raise ValueError(f"--mpp must be positive, got {self.mpp}")
         if not 0.0 <= self.min_tissue_fraction <= 1.0:
             raise ValueError(f"min tissue fraction must be 0-1, got {self.min_tissue_fraction}")
         if self.batch_size is not None and self.batch_size < 1:
@@ -564,25 +568,31 @@ def predict_run(
         model, meta = load_model(checkpoint, trust=trust_checkpoint)  # pickles need trust
     else:
         model, meta = model_and_meta
-    out.mkdir(parents=True, exist_ok=True)  # after the model loads: a bad one leaves nothing
     predictor = TilePredictor(model, meta, params)
     workers = default_workers() if params.workers is None else params.workers
     tiling = _tiling_for(meta, params, say)
 
     store = None
     if tiles_store is not None:
-        from histoduo.store import TileStore
+        from histoduo.store import TileStore, require_pixels
 
         store = TileStore(tiles_store)
+        require_pixels(store)
         jobs: list[tuple[str, str]] = [(name, str(tiles_store)) for name in store.slides]
         if shard is not None:
             from histoduo.sources import select_shard
 
             keep = {s.name for s in select_shard([SlideSource(Path(n)) for n, _ in jobs], shard)}
             jobs = [j for j in jobs if j[0] in keep]
-        _check_store_resolution(store, jobs, tiling, say)
     else:
         jobs = [(s.name, str(s.path)) for s in sources]
+    from histoduo.sources import check_output_name
+
+    for name, path in jobs:  # before anything is written or cleared under OUT/<name>
+        check_output_name(name, path)
+    if store is not None:
+        _check_store_resolution(store, jobs, tiling, say)
+    out.mkdir(parents=True, exist_ok=True)  # once model, options and inputs check out
     by_name = {s.name: s for s in sources}
 
     outcomes: list[SlideOutcome] = []

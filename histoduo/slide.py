@@ -35,6 +35,14 @@ SLIDE_EXTENSIONS = (
 )
 PLAIN_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
+# Files whose pixel data tifffile can locate, so truncation is caught before any read.
+_TIFF_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".qptiff")
+SUPPORTED_FORMATS = (
+    "Aperio .svs, generic tiled .tif/.tiff, Hamamatsu .ndpi/.vms/.vmu, Leica .scn, MIRAX "
+    ".mrxs, Ventana .bif, Sakura .svslide, Philips TIFF, DICOM WSI .dcm (all brightfield "
+    "RGB, read by OpenSlide or tiffslide) and .png/.jpg images"
+)
+
 # Above this many pixels a level is read in strips rather than whole.
 _MAX_WHOLE_READ_PX = 32 * 1024 * 1024
 _JPEG2000_COMPRESSIONS = {33003, 33005, 34712}
@@ -77,6 +85,24 @@ def slide_name(path: str | Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem
+
+
+def unsafe_name_reason(name: str) -> str | None:
+    """Why a slide name cannot key an output folder (``OUT/<name>/``), or None if it can.
+
+    Names with '/' (image-import groups) nest inside OUT; empty, absolute, '.' or '..'
+    names would write into OUT itself or outside it (and a rerun clears a slide's folder).
+    """
+    if not name.strip():
+        return "is empty"
+    if "\x00" in name:
+        return "contains a NUL character"
+    unified = name.replace("\\", "/")
+    if unified.startswith("/") or (len(unified) > 1 and unified[1] == ":"):
+        return "is an absolute path"
+    if any(part in ("", ".", "..") for part in unified.split("/")):
+        return "has an empty, '.' or '..' path part"
+    return None
 
 
 def mpp_from_properties(properties: Mapping[str, str]) -> tuple[float | None, str]:
@@ -354,7 +380,10 @@ class OpenSlideSlide(Slide):
         try:
             self._slide = openslide.OpenSlide(str(path))
         except openslide.OpenSlideUnsupportedFormatError as exc:
-            raise SlideError(path, "unsupported or unrecognised slide format") from exc
+            raise SlideError(
+                path,
+                f"unsupported or unrecognised slide format; histoduo reads {SUPPORTED_FORMATS}",
+            ) from exc
         except openslide.OpenSlideError as exc:
             raise SlideError(path, f"corrupt or unreadable slide ({exc})") from exc
 
@@ -552,6 +581,8 @@ def open_slide(path: str | Path, backend: str = "auto", mpp_override: float | No
     suffix = path.suffix.lower()
     if suffix in PLAIN_IMAGE_EXTENSIONS:
         return PlainImageSlide(path, mpp_override)
+    if suffix in _TIFF_SUFFIXES:
+        check_tiff_file(path)
     if backend == "tiffslide" or (backend == "auto" and _prefers_tiffslide(path)):
         return TiffSlideSlide(path, mpp_override)
     try:
@@ -561,22 +592,52 @@ def open_slide(path: str | Path, backend: str = "auto", mpp_override: float | No
             raise
         # A TIFF OpenSlide does not take (stripped, non-pyramidal) may still be a plain image.
         return PlainImageSlide(path, mpp_override)
-    if backend == "auto" and suffix in (".tif", ".tiff"):
-        _reject_multichannel_tiff(path)
     return slide
 
 
-def _reject_multichannel_tiff(path: Path) -> None:
+def check_tiff_file(path: Path) -> None:
+    """Reject TIFF-based slides that are cut short or are not brightfield RGB, before a read.
+
+    Readers report neither well: a truncated file opens and reads missing tiles as blank
+    glass, and a fluorescence QPTIFF opens as its first grey channel.
+    """
     import tifffile
 
+    size = os.path.getsize(path)
     try:
         with tifffile.TiffFile(path) as tif:
-            page = tif.pages[0]
-            samples = int(page.samplesperpixel)
-    except Exception:  # noqa: BLE001 - OpenSlide opened it; trust that
+            pages = list(tif.pages)
+            first = pages[0]
+            samples = int(first.samplesperpixel)
+            description = str(getattr(first, "description", "") or "")
+            ends = [
+                max((int(o) + int(c) for o, c in zip(p.dataoffsets, p.databytecounts)), default=0)
+                for p in pages
+            ]
+            channels = sum(
+                1 for p in pages if p.shape == first.shape and int(p.samplesperpixel) == samples
+            )
+    except Exception:  # noqa: BLE001 - not parseable as TIFF: the slide reader says why
         return
-    if samples not in (3, 4):
-        raise SlideError(path, f"not a brightfield RGB slide ({samples} samples per pixel)")
+    end = max(ends, default=0)
+    if end > size:
+        raise SlideError(
+            path,
+            f"truncated: its image data runs to byte {end} but the file has only {size} "
+            "bytes (an incomplete copy or download?)",
+        )
+    if samples in (3, 4):
+        return
+    if "PerkinElmer-QPI" in description or path.suffix.lower() == ".qptiff":
+        raise SlideError(
+            path,
+            f"a multichannel fluorescence QPTIFF ({channels} channels of {samples} sample); "
+            f"histoduo needs brightfield RGB (H&E) slides: {SUPPORTED_FORMATS}",
+        )
+    raise SlideError(
+        path,
+        f"not a brightfield RGB slide ({samples} samples per pixel); histoduo needs RGB",
+    )
 
 
 def find_slides(inputs: list[str | Path]) -> list[Path]:

@@ -7,7 +7,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from histoduo.slide import find_slides
+from histoduo.slide import find_slides, unsafe_name_reason
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ def collect_sources(inputs: list[str | Path], slide_mpp: float | None = None) ->
     sources.extend(SlideSource(path, slide_mpp) for path in find_slides(plain))
     names: dict[str, Path] = {}
     for source in sources:
+        check_output_name(source.name, source.path)
         if source.name in names and names[source.name] != source.path:
             raise ValueError(
                 f"two slides share the name {source.name!r}: {names[source.name]} and "
@@ -77,6 +78,16 @@ def collect_sources(inputs: list[str | Path], slide_mpp: float | None = None) ->
             )
         names[source.name] = source.path
     return sources
+
+
+def check_output_name(name: str, where: str | Path) -> None:
+    """ValueError naming ``where`` when ``name`` would put outputs outside the output folder."""
+    reason = unsafe_name_reason(name)
+    if reason is not None:
+        raise ValueError(
+            f"{where}: slide name {name!r} {reason}, so its outputs would go outside the "
+            "output folder (or replace it); rename the file or slide"
+        )
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:

@@ -280,6 +280,18 @@ def merge_stores(
     return [name for _, name in sources]
 
 
+def require_pixels(store: TileStore) -> None:
+    """StoreError unless every slide of ``store`` holds tile pixels (a dry run holds none)."""
+    empty = [name for name in store.slides if not store.has_pixels(name)]
+    if empty:
+        shown = ", ".join(empty[:3]) + (" ..." if len(empty) > 3 else "")
+        raise StoreError(
+            store.path,
+            f"{len(empty)} slide(s) ({shown}) hold tile coordinates but no pixels (a "
+            "`histoduo tile --dry-run` store); tile them again without --dry-run",
+        )
+
+
 class TileStore:
     """Read access to a tile store; safe to open in every DataLoader worker.
 

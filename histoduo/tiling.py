@@ -332,8 +332,8 @@ def tile_slides(
     out_path = Path(out_path)
     workers = default_workers() if workers is None else workers
     parts_dir = parts_dir_for(out_path)
-    parts_dir.mkdir(parents=True, exist_ok=True)
     labeller = _Labeller.from_dir(annotations_dir, params, class_names) if annotations_dir else None
+    parts_dir.mkdir(parents=True, exist_ok=True)  # after inputs check out
     class_names = labeller.class_names if labeller else None
 
     snapshot = out_path.with_name(out_path.name + ".prev")
@@ -675,6 +675,7 @@ class _Labeller:
             for a in read_annotations(path)
             if a.class_name and a.class_name.lower() not in _NON_CLASS_NAMES
         ]
+        _check_annotations(annotations, path, mask)
         unknown = sorted({a.class_name for a in annotations} - set(self.class_names))
         if unknown:
             raise SlideError(
@@ -692,6 +693,16 @@ class _Labeller:
             labels[better] = index
             best = np.maximum(best, np.where(better, coverage, 0))
         return labels
+
+
+def _check_annotations(annotations: list[Any], path: Path, mask: TissueMask) -> None:
+    from histoduo.geojson import check_annotations
+
+    if mask.level0_size is not None:
+        try:
+            check_annotations(annotations, path, mask.level0_size)
+        except ValueError as exc:
+            raise SlideError(path, str(exc).removeprefix(f"{path}: ")) from None
 
 
 # Annotation classes that mark areas, not tissue classes.

@@ -132,6 +132,7 @@ def predict_command(
     from histoduo.grading import GradeParams
     from histoduo.slide import SlideError
     from histoduo.sources import collect_sources, parse_shard, select_shard
+    from histoduo.store import StoreError
 
     console = Console(stderr=True, quiet=quiet, soft_wrap=True)
     if not slides and tiles is None:
@@ -188,7 +189,7 @@ def predict_command(
             log=log,
             trust_checkpoint=trust_checkpoint,
         )
-    except CheckpointError as exc:
+    except (CheckpointError, StoreError) as exc:
         raise fail(str(exc)) from exc
     except SlideError as exc:
         raise fail(f"{exc} (see {out / 'manifest.json'}; --skip-errors goes on)") from exc

@@ -51,7 +51,7 @@ def tissue_command(
     from rich.console import Console
     from rich.table import Table
 
-    from histoduo.geojson import read_annotations
+    from histoduo.geojson import check_annotations, read_annotations
     from histoduo.slide import BACKENDS, SlideError, find_slides, open_slide
     from histoduo.tissue import (
         ROI_MODES,
@@ -91,11 +91,15 @@ def tissue_command(
         start = time.perf_counter()
         try:
             with open_slide(path, backend=backend, mpp_override=slide_mpp) as slide:
+                if roi is not None and roi_annotations is not None:
+                    check_annotations(roi_annotations, roi, slide.dimensions)
                 mask = detect_tissue(slide, params, roi=roi_annotations, roi_mode=roi_mode)
                 require_tissue(mask, path)
                 save_tissue_outputs(mask, out, slide.name)
         except Exception as exc:  # noqa: BLE001 - every failure is reported per slide
-            if not isinstance(exc, SlideError):
+            if isinstance(exc, ValueError):  # messages that already name their file
+                exc = SlideError(path, str(exc))
+            elif not isinstance(exc, SlideError):
                 exc = SlideError(path, f"{type(exc).__name__}: {exc}")
             errors.append(str(exc))
             status = "no tissue" if "no tissue found" in exc.reason else "error"

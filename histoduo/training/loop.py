@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from histoduo.checkpoint import CheckpointMeta, ClassRoles, load_checkpoint, save_checkpoint
-from histoduo.store import TileStore
+from histoduo.store import TileStore, require_pixels
 from histoduo.training.augment import EvalTransform, TrainTransform
 from histoduo.training.config import TrainConfig
 from histoduo.training.data import (
@@ -233,6 +233,7 @@ def train(
     if not store.slides:
         raise LabelError(f"{store_path}: the tile store holds no complete slides")
     _check_store_geometry(store)
+    require_pixels(store)  # a --dry-run store would fail at the first batch
     table = tile_table(store, config.slide_labels_csv, config.split_by)
     n_classes = len(table.class_names)
     split_of = (
@@ -541,6 +542,7 @@ def evaluate(
 
     model, meta = load_model(checkpoint, trust=trust_checkpoint)
     store = TileStore(store_path)
+    require_pixels(store)
     table = tile_table(store, slide_labels_csv)
     if table.class_names != meta.class_names:
         raise LabelError(
