@@ -605,3 +605,34 @@ def test_path_traversal_class_name_in_outputs(cohort: Path, tmp_path: Path) -> N
     outside = [p for p in tmp_path.rglob("*") if p.is_file() and out not in p.parents]
     assert outside == [hostile]
     assert any(p.name.startswith("prob_") for p in (out / "slide0").iterdir())
+
+
+def test_written_geometry_within_slide_bounds(checkpoint: Path, tmp_path: Path) -> None:
+    import tifffile
+
+    # 508 x 380 px: not a multiple of the 128 px level-0 tile, and 63.5 x 47.5 pixels of the
+    # 8 px tissue mask round up (512 x 384 px at the nominal scale). Tissue reaches the
+    # right and bottom edges.
+    rgb = np.full((380, 508, 3), (243, 241, 246), np.uint8)
+    rgb[:, 150:] = (170, 90, 150)
+    tifffile.imwrite(tmp_path / "odd.tiff", rgb, tile=(256, 256), photometric="rgb",
+                     resolution=(2e4, 2e4), resolutionunit="CENTIMETER")  # fmt: skip
+    out = tmp_path / "out"
+    succeeds("predict", "-m", checkpoint, tmp_path / "odd.tiff", "-o", out, "--min-tissue",
+             "0.05", *PREDICT)  # fmt: skip
+    biggest = 0.0
+    for name in ("tiles.geojson", "tissue.geojson"):
+        features = json.loads((out / "odd" / name).read_text())["features"]
+        assert features, name
+        for feature in features:
+            geometry = feature["geometry"]
+            polygons = (
+                [geometry["coordinates"]]
+                if geometry["type"] == "Polygon"
+                else geometry["coordinates"]
+            )
+            xy = np.array([p for polygon in polygons for ring in polygon for p in ring])
+            assert xy.min() >= 0, name
+            assert xy[:, 0].max() <= 508 and xy[:, 1].max() <= 380, name
+            biggest = max(biggest, float(xy[:, 0].max()))
+    assert biggest == 508  # the outline does reach the edge
