@@ -227,14 +227,14 @@ def _decode(value: Any, tensors: dict[str, Any]) -> Any:
 
 def _unshared(state: dict[str, Any]) -> dict[str, Any]:
     """CPU, contiguous tensors; safetensors refuses tensors that share memory (tied weights)."""
-    seen: set[tuple[int, int]] = set()
+    seen: set[int] = set()
     out = {}
     for name, tensor in state.items():
         tensor = tensor.detach().cpu().contiguous()
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if tensor.numel() and key in seen:
-            tensor = tensor.clone()
-        seen.add(key)
+        storage = tensor.untyped_storage().data_ptr()
+        if tensor.numel() and storage in seen:
+            tensor = tensor.clone()  # a view into storage another tensor already uses
+        seen.add(storage)
         out[name] = tensor
     return out
 

@@ -219,3 +219,15 @@ def test_malicious_pickle_does_not_run(tmp_path: Path, container: str) -> None:
     with pytest.raises(CheckpointError, match=r"evil\.pt: .*pickle.*--trust-checkpoint"):
         load_model(evil)
     assert not marker.exists()
+
+
+def test_tensors_that_share_memory_are_saved(tmp_path: Path) -> None:
+    config = tiny(num_classes=2)
+    state = build_model(config).state_dict()
+    first = next(k for k, v in state.items() if v.ndim == 2)
+    state["tied_copy"] = state[first]  # tied weights: safetensors refuses shared storage
+    state["a_view"] = state[first][1:]  # same storage, another offset
+    path = save_checkpoint(tmp_path / "m.pt", state, _tiny_meta(config))
+    loaded = load_checkpoint(path)["model_state"]
+    assert torch.equal(loaded["tied_copy"], state[first])
+    assert torch.equal(loaded["a_view"], state[first][1:])
