@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from histoduo.run.files import atomic_write_text
 from histoduo.synthetic import DEFAULT_CLASSES, SyntheticSlide, SyntheticSlideSpec
 
 HELD_OUT_FOCUS = ("high_grade", 0.12)  # a high-grade focus of 12% of the tissue
@@ -212,7 +213,7 @@ def run_demo(
         },
         seconds=time.perf_counter() - started,
     )
-    (out / "demo_summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
+    atomic_write_text(out / "demo_summary.json", json.dumps(summary.to_dict(), indent=2))
     return summary
 
 

@@ -40,8 +40,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import multiprocessing as mp
-import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -50,9 +48,13 @@ from typing import Any
 
 import numpy as np
 
+from histoduo.run.errors import HistoduoError
+from histoduo.run.files import atomic_write_text
+from histoduo.run.pool import pool_context
 from histoduo.store import (
     SlideGroupData,
     SlidePartWriter,
+    SlideRecord,
     StoreError,
     assemble_store,
     group_key,
@@ -67,13 +69,8 @@ _CHUNK_IMAGES = 32  # images per worker task
 _MPP_SPREAD_WARNING = 1.10  # warn when stored resolutions differ by more than 10%
 
 
-class ImageImportError(Exception):
+class ImageImportError(HistoduoError):
     """An image folder, image or label CSV is unusable; names the file."""
-
-    def __init__(self, path: str | Path, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{path}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -132,10 +129,7 @@ class ImportReport:
     def write(self, out_path: Path) -> Path:
         path = out_path.with_name(out_path.name + ".report.json")
         payload = {"histoduo_version": _version(), "n_images": self.n_images, **asdict(self)}
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2))
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 def _version() -> str:
@@ -427,13 +421,8 @@ def _load_chunk(task: _LoadTask) -> list[_Loaded]:
 
 
 def _pool(workers: int) -> Any:
-    # forkserver: workers start clean (never a fork of a parent holding HDF5 handles).
-    if "forkserver" in mp.get_all_start_methods():
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["histoduo.importer", "PIL.Image", "imagecodecs"])
-    else:
-        ctx = mp.get_context("spawn")
-    return ctx.Pool(workers)
+    # Workers start clean (never a fork of a parent holding HDF5 handles).
+    return pool_context(["histoduo.importer", "PIL.Image", "imagecodecs"]).Pool(workers)
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -467,50 +456,32 @@ def _group_data(
         json.dumps({"params": asdict(params), "images": images}, sort_keys=True).encode()
     ).hexdigest()[:16]
     mm_per_tile = tile_size_px * target_mpp / 1000
-    attrs: dict[str, Any] = {
-        "fingerprint": fingerprint,
-        "params": json.dumps({**asdict(params), "source": "image folder"}, sort_keys=True),
-        "slide_info": json.dumps(
-            {"reader": "histoduo import", "folder": str(folder), "n_images": n}, sort_keys=True
-        ),
-        "slide_mpp": target_mpp,  # level 0 is the mosaic of stored tiles
-        "mpp_source": mpp_source,
-        "target_mpp": target_mpp,
-        "tile_size_px": tile_size_px,
-        "tile_size_level0": tile_size_px,
-        "stride_px": tile_size_px,
-        "stride_level0": tile_size_px,
-        "min_tissue_fraction": 0.0,
-        "tissue_area_mm2": n * mm_per_tile**2,  # the imaged area, every image counted whole
-        "level0_width": width0,
-        "level0_height": height0,
-        "histoduo_version": _version(),
-    }
     patients = {e.patient for e in entries if e.patient}
-    if len(patients) == 1:  # read by split_by="patient" (training.data._store_patient)
-        attrs["patient"] = patients.pop()
-    magnification = 10.0 / target_mpp
-    coords_attrs = {
-        "patch_size": tile_size_px,
-        "patch_size_level0": tile_size_px,
-        "level0_magnification": magnification,
-        "target_magnification": magnification,
-        "overlap": 0,
-        "name": name,
-        "level0_width": width0,
-        "level0_height": height0,
-        "patch_level": 0,
-        "downsample": np.array([1.0, 1.0]),
-        "downsampled_level_dim": np.array([width0, height0], dtype=np.int64),
-        "level_dim": np.array([width0, height0], dtype=np.int64),
-    }
-    return SlideGroupData(
+    record = SlideRecord(
         name=name,
         source_path=str(entries[0].path if n == 1 else folder),
+        fingerprint=fingerprint,
+        params={**asdict(params), "source": "image folder"},
+        slide_info={"reader": "histoduo import", "folder": str(folder), "n_images": n},
+        slide_mpp=target_mpp,  # level 0 is the mosaic of stored tiles
+        mpp_source=mpp_source,
+        target_mpp=target_mpp,
+        tile_size_px=tile_size_px,
+        tile_size_level0=tile_size_px,
+        stride_px=tile_size_px,
+        stride_level0=tile_size_px,
+        min_tissue_fraction=0.0,
+        tissue_area_mm2=n * mm_per_tile**2,  # the imaged area, every image counted whole
+        level0_width=width0,
+        level0_height=height0,
+        patient=patients.pop() if len(patients) == 1 else None,
+        histoduo_version=_version(),
+        level0_magnification=10.0 / target_mpp,
+    )
+    return SlideGroupData.from_record(
+        record,
         coords=coords,
         tissue_fraction=np.ones(n, dtype=np.float32),
-        attrs=attrs,
-        coords_attrs=coords_attrs,
         thumbnail=thumbnail,
         tissue_mask=mask,
         mask_downsample=tile_size_px / cell,

@@ -227,12 +227,9 @@ def _worker_context() -> Any:
     The fork server preloads this module (torch, readers), so each slide's workers fork from
     a warm process in milliseconds instead of importing torch again (seconds).
     """
-    from histoduo.tiling import _pool_context
+    from histoduo.run.pool import pool_context
 
-    context = _pool_context()
-    if context.get_start_method() == "forkserver":
-        context.set_forkserver_preload(["histoduo.predict"])
-    return context
+    return pool_context(["histoduo.predict"])
 
 
 # --- the model side -------------------------------------------------------------------------

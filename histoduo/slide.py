@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from histoduo.run.errors import HistoduoError
+
 BACKENDS = ("auto", "openslide", "tiffslide")
 
 # Extensions a folder scan picks up as slides.
@@ -40,13 +42,8 @@ _MAX_WHOLE_READ_PX = 32 * 1024 * 1024
 _JPEG2000_COMPRESSIONS = {33003, 33005, 34712}
 
 
-class SlideError(Exception):
+class SlideError(HistoduoError):
     """A slide cannot be used; the message names the file and says what is wrong."""
-
-    def __init__(self, path: str | Path, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{path}: {reason}")
 
 
 @dataclass(frozen=True)

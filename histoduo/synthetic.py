@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from histoduo.run.files import atomic_path, atomic_write_text
+
 DEFAULT_CLASSES: tuple[str, ...] = ("normal", "low_grade", "high_grade", "necrosis")
 
 _BLOCK_PX = 128  # level-0 block that owns a fixed set of candidate nuclei (determinism unit)
@@ -890,21 +892,10 @@ def write_synthetic_slide(
     path.parent.mkdir(parents=True, exist_ok=True)
     if workers is None:
         workers = min(2, os.cpu_count() or 1)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_path(path) as tmp:
         _write_tiff(tmp, spec, workers)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     gj = path.with_suffix(".geojson")
-    gtmp = gj.with_name(gj.name + ".tmp")
-    try:
-        gtmp.write_text(json.dumps(truth_feature_collection(spec)))
-        os.replace(gtmp, gj)
-    finally:
-        if gtmp.exists():
-            gtmp.unlink()
+    atomic_write_text(gj, json.dumps(truth_feature_collection(spec)))
     return SyntheticSlide(path=path, spec=spec, truth_geojson=gj)
 
 

@@ -260,9 +260,9 @@ def evaluate_command(
     except (LabelError, StoreError, CheckpointError, ValueError) as exc:
         raise fail(str(exc)) from None
     if out is not None:
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(out)
+        from histoduo.run.files import atomic_write_text
+
+        atomic_write_text(out, json.dumps(report, indent=2))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return

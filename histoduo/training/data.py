@@ -179,9 +179,10 @@ def write_splits(path: Path, table: TileTable, assignment: dict[str, str]) -> No
         .reset_index(name="tiles")
         .assign(split=lambda f: f["group"].map(assignment))
     )
-    tmp = path.with_name(path.name + ".tmp")
-    rows[["slide", "group", "split", "tiles"]].to_csv(tmp, index=False)
-    tmp.replace(path)
+    from histoduo.run.files import atomic_write
+
+    with atomic_write(path, "w", newline="") as handle:
+        rows[["slide", "group", "split", "tiles"]].to_csv(handle, index=False)
 
 
 # --- datasets ------------------------------------------------------------------------------

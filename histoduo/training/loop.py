@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from histoduo.checkpoint import CheckpointMeta, ClassRoles, load_checkpoint, save_checkpoint
+from histoduo.run.files import atomic_write, atomic_write_text
 from histoduo.store import TileStore
 from histoduo.training.augment import EvalTransform, TrainTransform
 from histoduo.training.config import TrainConfig
@@ -96,8 +97,9 @@ def _seed_everything(seed: int) -> None:
 def _workers(config: TrainConfig) -> int:
     if config.num_workers is not None:
         return config.num_workers
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(0, min(4, (cores or 1) - 1))
+    from histoduo.run.pool import available_cores
+
+    return max(0, min(4, available_cores() - 1))
 
 
 def _loader(dataset: TileBatches, sampler: Any, workers: int) -> Any:
@@ -105,14 +107,15 @@ def _loader(dataset: TileBatches, sampler: Any, workers: int) -> Any:
     batches; each batch carries its own augmentation seed)."""
     from torch.utils.data import DataLoader
 
-    from histoduo.tiling import _pool_context
+    from histoduo.run.pool import pool_context
+    from histoduo.tileio import WORKER_PRELOAD
 
     return DataLoader(
         dataset,
         sampler=sampler,
         batch_size=None,
         num_workers=workers,
-        multiprocessing_context=_pool_context() if workers else None,
+        multiprocessing_context=pool_context(WORKER_PRELOAD) if workers else None,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers else None,
     )
@@ -325,7 +328,8 @@ def train(
         say(f"resuming after epoch {start_epoch - 1}")
     elif dist.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(
+        atomic_write_text(
+            out / "config.json",
             json.dumps(
                 {
                     "train": config.to_dict(),
@@ -339,7 +343,7 @@ def train(
                     },
                 },
                 indent=2,
-            )
+            ),
         )
         write_splits(out / "splits.csv", table, split_of)
 
@@ -464,9 +468,8 @@ def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
     from histoduo.training.plots import training_curves
 
     frame = pd.DataFrame(history)
-    tmp = out / "metrics.csv.tmp"
-    frame.to_csv(tmp, index=False)
-    tmp.replace(out / "metrics.csv")
+    with atomic_write(out / "metrics.csv", "w", newline="") as handle:
+        frame.to_csv(handle, index=False)
     training_curves(frame, out / "training_curves.png")
 
 
@@ -510,9 +513,7 @@ def _final_report(
     for split in ("val", "test"):
         if split in report:
             report[f"{split}_balanced_accuracy"] = report[split]["balanced_accuracy"]
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out / "report.json")
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     return report
 
 
