@@ -25,6 +25,7 @@ import numpy as np
 
 from histoduo.run.files import atomic_write_text
 from histoduo.synthetic import DEFAULT_CLASSES, SyntheticSlide, SyntheticSlideSpec
+from histoduo.training.metrics import balanced_accuracy
 
 HELD_OUT_FOCUS = ("high_grade", 0.12)  # a high-grade focus of 12% of the tissue
 
@@ -110,12 +111,6 @@ def truth_labels(
         if window.size:
             out[i] = class_names.index(names[int(np.bincount(window).argmax()) - 1])
     return out
-
-
-def balanced_accuracy(truth: np.ndarray, predicted: np.ndarray) -> float:
-    """Mean per-class recall over the classes present in ``truth``."""
-    recalls = [float(np.mean(predicted[truth == c] == c)) for c in np.unique(truth)]
-    return float(np.mean(recalls)) if recalls else float("nan")
 
 
 def run_demo(
