@@ -35,6 +35,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from histoduo.run.errors import HistoduoError
+from histoduo.run.files import atomic_path
+
 CHECKPOINT_FORMAT = "histoduo-checkpoint"
 CHECKPOINT_VERSION = 2
 PICKLE_VERSION = 1  # the torch.save format of histoduo before safetensors checkpoints
@@ -50,13 +53,8 @@ _MODEL_PREFIX = "model_state/"
 _TRAIN_PREFIX = "train_state/"
 
 
-class CheckpointError(Exception):
+class CheckpointError(HistoduoError):
     """A file is not a usable histoduo checkpoint; the message names the file."""
-
-    def __init__(self, path: str | Path, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{path}: {reason}")
 
 
 @dataclass
@@ -263,12 +261,8 @@ def save_checkpoint(
         "format_version": str(CHECKPOINT_VERSION),
         "histoduo": json.dumps(header),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file(_unshared(tensors), str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
