@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from histoduo.run.errors import HistoduoError
-from histoduo.run.files import atomic_path
+from histoduo.run.files import atomic_write_bytes
 
 CHECKPOINT_FORMAT = "histoduo-checkpoint"
 CHECKPOINT_VERSION = 2
@@ -244,7 +244,7 @@ def save_checkpoint(
     train_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint atomically (temporary file, then rename)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from histoduo import __version__
 
@@ -261,8 +261,9 @@ def save_checkpoint(
         "format_version": str(CHECKPOINT_VERSION),
         "histoduo": json.dumps(header),
     }
-    with atomic_path(path) as tmp:
-        save_file(_unshared(tensors), str(tmp), metadata=metadata)
+    # Bytes through atomic_write_bytes, not save_file: safetensors creates files 0600, and
+    # a checkpoint's mode should follow the umask like every other output.
+    atomic_write_bytes(path, save(_unshared(tensors), metadata=metadata))
     return path
 
 
