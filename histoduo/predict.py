@@ -26,7 +26,6 @@ import csv
 import io
 import json
 import math
-import os
 import platform
 import shutil
 import time
@@ -50,7 +49,6 @@ if TYPE_CHECKING:
 
     from histoduo.checkpoint import CheckpointMeta
 
-DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("auto", "fp32", "bf16")
 DONE_MARKER = "done"
 SUMMARY_FILE = "summary.json"
@@ -67,9 +65,12 @@ class PredictParams:
     stride_px: int | None = None  # at the target resolution; None = tile size (no overlap)
     min_tissue_fraction: float = 0.25  # of a tile's area, 0-1
     batch_size: int | None = None  # None: 256 on GPU, 64 on CPU
-    device: str = "auto"
-    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    device: str = "auto"  # auto, cpu, cuda, cuda:N (histoduo/accel.py)
+    precision: str = "auto"  # auto: bf16 weights + autocast on GPU, fp32 on CPU
     channels_last: bool = True
+    compile: bool = False  # torch.compile the model (pays off on long GPU runs)
+    decode: str = "auto"  # auto: JPEG/pixels decoded on the GPU there, in workers on CPU
+    prefetch_slides: int = 1  # slides planned (opened, tissue, tiles) ahead in a thread
     workers: int | None = None  # DataLoader workers; None: 1 on <= 2 cores, else cores - 1
     torch_threads: int | None = None  # CPU intra-op threads; None: leave torch's default
     tta: bool = False  # average over flips (identity, h, v, both)
@@ -80,8 +81,10 @@ class PredictParams:
     thumbnail_max_px: int = THUMBNAIL_MAX_PX
 
     def __post_init__(self) -> None:
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        from histoduo.accel import check_decode, check_device_name
+
+        check_device_name(self.device)
+        check_decode(self.decode)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.stride_px is not None and self.stride_px < 1:
@@ -95,22 +98,11 @@ class PredictParams:
         return asdict(self)
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
-    return device
-
-
 def default_workers() -> int:
-    """DataLoader workers: on 2 cores one decoder beside the model measured best
-    (benchmarks/bench_predict.py); with more cores leave one core to the main process."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
-    return 1 if cores <= 2 else cores - 1
+    """DataLoader workers for reading slide tiles (policy in histoduo/accel.py)."""
+    from histoduo.accel import default_workers as policy
+
+    return policy("pixels")
 
 
 # --- tile sources (run inside DataLoader workers) -------------------------------------------
@@ -132,15 +124,24 @@ class _TransformSpec:
     mean: list[float]
     std: list[float]
     eval_resize: str
+    on_device: bool = False  # workers hand over uint8 / JPEG; the device decodes (decode.py)
 
-    def apply(self, tiles: np.ndarray) -> torch.Tensor:
+    def apply(self, tiles: np.ndarray) -> Any:
         # The exact evaluation transform (preprocess.py), done in the worker so the main
-        # process only runs the model.
-        from histoduo.preprocess import eval_transform, to_tensor_batch
+        # process only runs the model; or, on a GPU, left to the device.
+        from histoduo.preprocess import to_tensor_batch
 
-        return eval_transform(
-            to_tensor_batch(tiles), self.input_size_px, self.mean, self.std, self.eval_resize
-        )
+        if self.on_device:
+            from histoduo.decode import encoded_pixels
+
+            return encoded_pixels(tiles)
+        return self.finish(to_tensor_batch(tiles))
+
+    def finish(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 on any device -> normalised float there."""
+        from histoduo.preprocess import eval_transform
+
+        return eval_transform(batch, self.input_size_px, self.mean, self.std, self.eval_resize)
 
 
 class SlideTiles(IterableDataset):
@@ -217,6 +218,14 @@ class StoreTiles(IterableDataset):
             for chunk in _worker_share(n_chunks):
                 start = chunk * self.batch_size
                 stop = min(start + self.batch_size, self.n_tiles)
+                if self.transform.on_device:  # JPEG bytes as stored: the GPU decodes them
+                    from histoduo.decode import read_encoded
+
+                    yield (
+                        torch.arange(start, stop),
+                        read_encoded(store, self.slide, np.arange(start, stop)),
+                    )
+                    continue
                 tiles = store.read_tiles(self.slide, np.arange(start, stop))
                 yield torch.arange(start, stop), self.transform.apply(tiles)
 
@@ -242,41 +251,52 @@ class TilePredictor:
     """Model + device + precision: normalised batches in, class probabilities out."""
 
     def __init__(self, model: Any, meta: CheckpointMeta, params: PredictParams) -> None:
-        import torch
+        from histoduo.accel import Runtime, default_batch_size
+        from histoduo.decode import decode_on_device
 
         self.meta = meta
         self.params = params
-        self.device = resolve_device(params.device)
-        if params.torch_threads:
-            torch.set_num_threads(params.torch_threads)
-        precision = params.precision
-        if precision == "auto":
-            precision = "bf16" if self.device == "cuda" else "fp32"
-        self.precision = precision
-        self.model = model.to(self.device).eval()
-        if params.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.batch_size = params.batch_size or (256 if self.device == "cuda" else 64)
+        self.runtime = Runtime.create(
+            params.device,
+            params.precision,
+            channels_last=params.channels_last,
+            compile=params.compile,
+            torch_threads=params.torch_threads,
+        )
+        self.device = str(self.runtime.device)
+        self.precision = self.runtime.precision
+        self.model = self.runtime.prepare_model(model)
+        self.batch_size = params.batch_size or default_batch_size(self.runtime.device)
         self.transform = _TransformSpec(
-            meta.input_size_px, list(meta.mean), list(meta.std), meta.eval_resize
+            meta.input_size_px,
+            list(meta.mean),
+            list(meta.std),
+            meta.eval_resize,
+            on_device=decode_on_device(params.decode, self.runtime.device),
         )
 
-    def __call__(self, x: torch.Tensor) -> np.ndarray:
-        """(B, 3, S, S) normalised float -> (B, K) float32 probabilities."""
+    def default_workers(self, store: bool) -> int:
+        """Workers that only read store bytes for the GPU need fewer than decoding ones."""
+        from histoduo.accel import default_workers
+
+        return default_workers("bytes" if store and self.transform.on_device else "pixels")
+
+    def __call__(self, x: Any) -> np.ndarray:
+        """A loader's batch (normalised float, or encoded for the device) -> (B, K) float32
+        probabilities."""
+        from histoduo.decode import model_batch
+
+        return self.forward(model_batch(x, self.runtime.device, self.transform.finish))
+
+    def forward(self, x: torch.Tensor) -> np.ndarray:
+        """(B, 3, S, S) normalised float on the device -> (B, K) float32 probabilities."""
         import torch
 
-        x = x.to(self.device, non_blocking=True)
-        if self.params.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.runtime.model_input(x)
         views = [x]
         if self.params.tta:
             views += [x.flip(-1), x.flip(-2), x.flip(-1, -2)]
-        with (
-            torch.inference_mode(),
-            torch.autocast(
-                device_type=self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16"
-            ),
-        ):
+        with torch.inference_mode(), self.runtime.autocast():
             probs = sum(self.model(v).float().softmax(dim=1) for v in views) / len(views)
         return probs.cpu().numpy().astype(np.float32)
 
@@ -290,14 +310,14 @@ class TilePredictor:
             return probs
         n_chunks = math.ceil(len(tiles) / tiles.batch_size)
         workers = min(workers, n_chunks)
+        from histoduo.accel import loader_options
+
         loader = DataLoader(
             tiles,
             batch_size=None,  # the dataset yields whole batches
-            num_workers=workers,
             # forkserver/spawn: workers start clean and open the slide themselves.
             multiprocessing_context=_worker_context() if workers > 0 else None,
-            pin_memory=self.device == "cuda",
-            prefetch_factor=4 if workers > 0 else None,
+            **loader_options(self.runtime.device, workers),
         )
         for indices, x in loader:
             probs[indices.numpy()] = self(x)
@@ -427,13 +447,21 @@ def _tiling_for(meta: CheckpointMeta, params: PredictParams, warn: Callable[[str
     )
 
 
-def _slide_scores_from_slide(
-    source: SlideSource,
-    predictor: TilePredictor,
-    params: PredictParams,
-    tiling: Any,
-    workers: int,
-) -> SlideScores:
+@dataclass
+class _SlidePlan:
+    """Everything decided about a slide before its tiles are read (made ahead, prefetch.py)."""
+
+    geometry: Any
+    mask: TissueMask
+    coords: np.ndarray
+    fractions: np.ndarray
+    thumbnail: np.ndarray
+    thumb_ds: float
+    width0: int
+    height0: int
+
+
+def _plan_slide(source: SlideSource, params: PredictParams, tiling: Any) -> _SlidePlan:
     from histoduo.tiling import TileGeometry, plan_tiles
 
     with open_slide(source.path, params.backend, source.mpp) as slide:
@@ -452,6 +480,20 @@ def _slide_scores_from_slide(
             thumbnail, thumb_ds = mask.thumbnail, mask.downsample
         else:
             thumbnail = slide.read_downsampled(thumb_ds)
+    return _SlidePlan(geometry, mask, coords, fractions, thumbnail, thumb_ds, width0, height0)
+
+
+def _slide_scores_from_slide(
+    source: SlideSource,
+    predictor: TilePredictor,
+    params: PredictParams,
+    tiling: Any,
+    workers: int,
+    plan: _SlidePlan | None = None,
+) -> SlideScores:
+    p = plan or _plan_slide(source, params, tiling)
+    geometry, mask, coords, fractions = p.geometry, p.mask, p.coords, p.fractions
+    thumbnail, thumb_ds, width0, height0 = p.thumbnail, p.thumb_ds, p.width0, p.height0
     # The slide is closed before workers start: they open it themselves.
     tiles = SlideTiles(
         str(source.path),
@@ -564,7 +606,9 @@ def predict_run(
     else:
         model, meta = model_and_meta
     predictor = TilePredictor(model, meta, params)
-    workers = default_workers() if params.workers is None else params.workers
+    workers = params.workers
+    if workers is None:
+        workers = predictor.default_workers(store=tiles_store is not None)
     tiling = _tiling_for(meta, params, say)
 
     store = None
@@ -585,6 +629,13 @@ def predict_run(
 
     outcomes: list[SlideOutcome] = []
     first_error: SlideError | None = None
+    # The next slide is opened, its tissue found and its tiles planned while this one runs.
+    from histoduo.prefetch import Prefetcher
+
+    todo = [n for n, _ in jobs if store is None and (overwrite or not is_done(out / n))]
+    plans = Prefetcher(
+        lambda n: _plan_slide(by_name[n], params, tiling), todo, params.prefetch_slides
+    )
     try:
         for name, path in jobs:
             slide_dir = out / name
@@ -600,7 +651,7 @@ def predict_run(
                     scores = _slide_scores_from_store(store, name, predictor, workers)
                 else:
                     scores = _slide_scores_from_slide(
-                        by_name[name], predictor, params, tiling, workers
+                        by_name[name], predictor, params, tiling, workers, plans.get(name)
                     )
                 t_model = time.perf_counter() - t0
                 grade = grade_scores(scores, meta, params.grade)
@@ -649,6 +700,7 @@ def predict_run(
             )
             say(f"{name}: {n} tiles, {grade.call} ({grade.confidence:.2f}), {seconds:.1f} s")
     finally:
+        plans.close()
         if store is not None:
             store.close()
 
@@ -731,8 +783,9 @@ def _manifest(
         },
         "params": params.to_dict(),
         "runtime": {
-            "device": predictor.device,
-            "precision": predictor.precision,
+            **predictor.runtime.describe(),
+            "decode": "device" if predictor.transform.on_device else "worker",
+            "prefetch_slides": params.prefetch_slides,
             "batch_size": predictor.batch_size,
             "workers": workers,
             "torch_threads": torch.get_num_threads(),

@@ -74,15 +74,9 @@ class _Dist:
 
 
 def _device(name: str, dist: _Dist) -> Any:
-    import torch
+    from histoduo.accel import resolve_device
 
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
-        return torch.device("cuda", dist.local_rank)
-    return torch.device("cpu")
+    return resolve_device(name, dist.local_rank)
 
 
 def _seed_everything(seed: int) -> None:
@@ -100,21 +94,22 @@ def _workers(config: TrainConfig) -> int:
     return max(0, min(4, (cores or 1) - 1))
 
 
-def _loader(dataset: TileBatches, sampler: Any, workers: int) -> Any:
+def _loader(dataset: TileBatches, sampler: Any, workers: int, device: Any = None) -> Any:
     """Workers persist across epochs (the sampler, iterated in this process, changes the
-    batches; each batch carries its own augmentation seed)."""
+    batches; each batch carries its own augmentation seed). Pinned batches for a GPU."""
+    import torch
     from torch.utils.data import DataLoader
 
+    from histoduo.accel import loader_options
     from histoduo.tiling import _pool_context
 
     return DataLoader(
         dataset,
         sampler=sampler,
         batch_size=None,
-        num_workers=workers,
         multiprocessing_context=_pool_context() if workers else None,
         persistent_workers=workers > 0,
-        prefetch_factor=4 if workers else None,
+        **loader_options(device or torch.device("cpu"), workers),
     )
 
 
@@ -122,8 +117,13 @@ def _rows(table: TileTable, split_of: dict[str, str], split: str) -> pd.DataFram
     return table.frame[table.frame["group"].map(split_of) == split].reset_index(drop=True)
 
 
-def _dataset(store_path: Path, rows: pd.DataFrame, transform: Any) -> TileBatches:
-    return TileBatches(
+def _dataset(
+    store_path: Path, rows: pd.DataFrame, transform: Any, encoded: bool = False
+) -> TileBatches:
+    """Workers decode + transform, or (``encoded``) only read, for the GPU (decode.py)."""
+    from histoduo.decode import EncodedTileBatches
+
+    return (EncodedTileBatches if encoded else TileBatches)(
         store_path,
         rows["slide"].to_numpy(),
         rows["tile"].to_numpy(),
@@ -136,11 +136,13 @@ def _predict_rows(model: Any, loader: Any, device: Any, autocast: bool) -> tuple
     """(truth, predicted, mean loss) over a loader, in order."""
     import torch
 
+    from histoduo.decode import device_batches
+
     truths, preds, losses, n = [], [], 0.0, 0
     model.eval()
+    dtype = next(model.parameters()).dtype  # bf16 weights (accel.Runtime) take bf16 input
     with torch.inference_mode():
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
+        for x, y in device_batches(loader, device, dtype=dtype):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = model(x).float()
             losses += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
@@ -208,6 +210,8 @@ def train(
     """
     import torch
 
+    from histoduo.accel import reset_peak_memory, throughput_report
+    from histoduo.decode import decode_on_device, device_batches
     from histoduo.models import ModelConfig, build_model, maybe_compile
 
     config = config or TrainConfig()
@@ -225,6 +229,7 @@ def train(
     if owns_group:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     autocast = config.bf16 == "on" or (config.bf16 == "auto" and device.type == "cuda")
+    encoded = decode_on_device(config.decode, device)  # the GPU decodes and augments
     out = Path(out_dir)
     store_path = Path(store_path)
     store = TileStore(store_path)
@@ -299,11 +304,12 @@ def train(
         )
         iterations = len(sampler)
     workers = _workers(config)
-    train_set = _dataset(store_path, train_rows, train_transform)
+    train_set = _dataset(store_path, train_rows, train_transform, encoded)
     val_loader = _loader(
-        _dataset(store_path, val_rows, eval_transform),
+        _dataset(store_path, val_rows, eval_transform, encoded),
         SequentialBatches(len(val_rows), max(world_batch, 64)),
         workers,
+        device,
     )
 
     start_epoch, best_score, history = 1, -1.0, []
@@ -348,8 +354,10 @@ def train(
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None
         )
-    loader = _loader(train_set, sampler, workers)
+    loader = _loader(train_set, sampler, workers, device)
     bars = _Bars(progress and dist.main)
+    reset_peak_memory(device)
+    first_epoch = start_epoch
     epochs_without_gain = 0
     with bars:
         for epoch in range(start_epoch, config.epochs + 1):
@@ -359,10 +367,8 @@ def train(
             loss_sum, seen, started = 0.0, 0, time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             lr_used = optimizer.param_groups[0]["lr"]
-            for step, (x, y) in enumerate(loader, start=1):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if config.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
+            batches = device_batches(loader, device, channels_last=config.channels_last)
+            for step, (x, y) in enumerate(batches, start=1):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                     loss = criterion(net(x).float(), y)
                 (loss / config.grad_accumulation).backward()
@@ -432,6 +438,16 @@ def train(
 
     final: dict[str, Any] = {}
     if dist.main:
+        rates = [r["train_tiles_per_s"] for r in history if r["epoch"] >= first_epoch]
+        throughput = throughput_report(
+            device,
+            rates,
+            None,
+            precision="bf16 autocast" if autocast else "fp32",
+            decode="device" if encoded else "worker",
+            world_size=dist.world_size,
+            batch_size=world_batch,
+        )
         final = _final_report(
             out,
             store_path,
@@ -443,6 +459,7 @@ def train(
             device,
             autocast,
             history,
+            (encoded, throughput),
         )
     if dist.enabled:  # waits for rank 0's report, and every rank returns it
         shared = [final]
@@ -481,8 +498,12 @@ def _final_report(
     device: Any,
     autocast: bool,
     history: list[dict[str, Any]],
+    speed: tuple[bool, dict[str, Any]] = (False, {}),
 ) -> dict[str, Any]:
-    """Evaluate best.pt on validation and test; write report.json and confusion PNGs."""
+    """Evaluate best.pt on validation and test; write report.json and confusion PNGs.
+
+    ``speed``: (device decodes, the training throughput block), completed here with the
+    evaluation's tiles/s."""
     from histoduo.checkpoint import load_model
     from histoduo.training.plots import confusion_matrix_plot
 
@@ -493,13 +514,21 @@ def _final_report(
         "epochs_run": len(history),
         "class_names": table.class_names,
     }
+    encoded, throughput = speed
+    eval_tiles, eval_seconds = 0, 0.0
     for split, rows in (("val", val_rows), ("test", test_rows)):
         if not len(rows):
             continue
         loader = _loader(
-            _dataset(store_path, rows, eval_transform), SequentialBatches(len(rows), 64), workers
+            _dataset(store_path, rows, eval_transform, encoded),
+            SequentialBatches(len(rows), 64),
+            workers,
+            device,
         )
+        started = time.perf_counter()
         truth, predicted, _ = _predict_rows(model, loader, device, autocast)
+        eval_seconds += time.perf_counter() - started
+        eval_tiles += len(truth)
         report[split] = classification_report(truth, predicted, table.class_names)
         confusion_matrix_plot(
             np.array(report[split]["confusion_matrix"]),
@@ -510,6 +539,14 @@ def _final_report(
     for split in ("val", "test"):
         if split in report:
             report[f"{split}_balanced_accuracy"] = report[split]["balanced_accuracy"]
+    if throughput:
+        from histoduo.accel import peak_memory_gib
+
+        report["throughput"] = {
+            **throughput,
+            "eval_tiles_per_s": eval_tiles / eval_seconds if eval_seconds > 0 else None,
+            "peak_gpu_memory_gib": peak_memory_gib(device),
+        }
     tmp = out / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2))
     tmp.replace(out / "report.json")
@@ -524,13 +561,17 @@ def evaluate(
     *,
     slide_labels_csv: str | Path | None = None,
     device: str = "auto",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     num_workers: int | None = None,
+    decode: str = "auto",
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """The classification report of a checkpoint on a store's labelled tiles.
 
     ``split`` other than "all" needs ``splits_csv`` (default: ``splits.csv`` beside the
-    checkpoint, as ``train`` writes it).
+    checkpoint, as ``train`` writes it). On a GPU the model runs as ``predict`` runs it
+    (bf16 weights, channels_last) on tiles decoded there (accel.py, decode.py); batch size
+    default 256 on GPU, 64 on CPU.
     """
     from histoduo.checkpoint import load_model
 
@@ -549,17 +590,34 @@ def evaluate(
         rows = _rows(table, split_of, split)
         if rows.empty:
             raise LabelError(f"{path}: no tiles in split {split!r}")
-    torch_device = _device(device, _Dist())
-    model = model.to(torch_device)
+    from histoduo.accel import Runtime, default_batch_size, default_workers
+    from histoduo.decode import decode_on_device
+
+    runtime = Runtime.create(device, precision)
+    model = runtime.prepare_model(model)
+    encoded = decode_on_device(decode, runtime.device)
+    if num_workers is None:
+        num_workers = default_workers("bytes") if encoded else _workers(TrainConfig())
     transform = EvalTransform(meta.input_size_px, meta.mean, meta.std, meta.eval_resize)
     loader = _loader(
-        _dataset(Path(store_path), rows, transform),
-        SequentialBatches(len(rows), batch_size),
-        _workers(TrainConfig(num_workers=num_workers)),
+        _dataset(Path(store_path), rows, transform, encoded),
+        SequentialBatches(len(rows), batch_size or default_batch_size(runtime.device)),
+        num_workers,
+        runtime.device,
     )
-    truth, predicted, loss = _predict_rows(model, loader, torch_device, torch_device.type == "cuda")
+    started = time.perf_counter()
+    truth, predicted, loss = _predict_rows(
+        model, loader, runtime.device, runtime.precision == "bf16"
+    )
+    seconds = time.perf_counter() - started
     report = classification_report(truth, predicted, meta.class_names)
     report.update(split=split, loss=loss, checkpoint=str(checkpoint), store=str(store_path))
+    report["throughput"] = {
+        **runtime.describe(),
+        "decode": "device" if encoded else "worker",
+        "tiles_per_s": len(truth) / seconds if seconds > 0 else None,
+        "peak_gpu_memory_gib": runtime.peak_memory_gib(),
+    }
     return report
 
 
