@@ -1,9 +1,9 @@
 """Device, precision and data-movement policy shared by ``predict``, ``evaluate`` and ``train``.
 
 One place decides: which device (``auto``, ``cpu``, ``cuda``, ``cuda:N``), the inference dtype
-(bf16 weights on CUDA; fp32 on CPU, see docs/performance.md), channels_last, optional
-``torch.compile``, pinned memory with non-blocking copies, and how many DataLoader workers.
-torch is imported inside functions so importing this module stays instant.
+(bf16 weights on CUDA; fp32 on CPU unless asked, see docs/performance.md), channels_last,
+optional ``torch.compile``, pinned memory with non-blocking copies, and how many DataLoader
+workers. torch is imported inside functions so importing this module stays instant.
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on CUDA; fp32 on CPU (bf16 was slower there, docs/performance.md)."""
+    """``auto``: bf16 on CUDA; fp32 on CPU, where bf16 is only faster on CPUs with native bf16
+    (benchmarks/bench_precision.py, docs/performance.md) and would change CPU results."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
