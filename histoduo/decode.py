@@ -147,6 +147,9 @@ def decode_jpeg_batch(blobs: Sequence[np.ndarray], device: torch.device) -> torc
     import torch
 
     if device.type == "cuda" or torchvision_decodes("cpu"):
+        from histoduo._torchcompat import ensure_torchvision
+
+        ensure_torchvision()
         from torchvision.io import ImageReadMode
         from torchvision.io import decode_jpeg as tv_decode
 
