@@ -1,6 +1,6 @@
 """Pictures from saved scores: class map, per-class probability maps, grade map.
 
-Everything here reads ``scores.npz`` (:class:`SlideScores`), never the model, so
+Everything here reads ``scores.npz`` (:class:`histoduo.scores.SlideScores`), never the model, so
 ``histoduo heatmap`` can redraw maps with other colours, alpha, classes or scaling.
 
 Painting follows the conventions: colour only inside the tissue mask, overlapping tiles
@@ -20,69 +20,14 @@ Files per slide folder:
 from __future__ import annotations
 
 import io
-import os
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-SCORES_FILE = "scores.npz"
-
-
-@dataclass
-class SlideScores:
-    """Everything ``scores.npz`` holds; enough to redraw every picture without the model."""
-
-    slide: str
-    probs: np.ndarray  # (N, K) float32
-    coords: np.ndarray  # (N, 2) int64 level-0 top-left
-    tissue_fraction: np.ndarray  # (N,) float32
-    tile_size_level0: int
-    stride_level0: int
-    class_names: list[str]
-    class_colors: np.ndarray  # (K, 3) uint8
-    thumbnail: np.ndarray  # (h, w, 3) uint8
-    thumbnail_downsample: float
-    tissue_mask: np.ndarray  # (hm, wm) bool
-    mask_downsample: float
-    slide_width: int
-    slide_height: int
-    slide_mpp: float
-    target_mpp: float
-    tile_size_px: int
-
-    @property
-    def pred(self) -> np.ndarray:
-        return self.probs.argmax(axis=1)
-
-    def save(self, path: Path) -> None:
-        arrays = dict(asdict(self))
-        arrays["class_names"] = np.array(self.class_names, dtype=str)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            with open(tmp, "wb") as handle:
-                np.savez_compressed(handle, **{k: np.asarray(v) for k, v in arrays.items()})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    @classmethod
-    def load(cls, path: str | Path) -> SlideScores:
-        with np.load(path, allow_pickle=False) as data:
-            values: dict[str, Any] = {k: data[k] for k in data.files}
-        values["slide"] = str(values["slide"])
-        for key in ("tile_size_level0", "stride_level0", "slide_width", "slide_height"):
-            values[key] = int(values[key])
-        values["tile_size_px"] = int(values["tile_size_px"])
-        for key in ("thumbnail_downsample", "mask_downsample", "slide_mpp", "target_mpp"):
-            values[key] = float(values[key])
-        values["class_names"] = [str(c) for c in values["class_names"]]
-        values["tissue_mask"] = values["tissue_mask"].astype(bool)
-        return cls(**values)
+from histoduo.run.files import atomic_write_bytes
+from histoduo.scores import SCORES_FILE, SlideScores  # noqa: F401 - re-exported
 
 
 @dataclass
@@ -224,23 +169,12 @@ def grade_map(scores: SlideScores, style: HeatmapStyle) -> np.ndarray:
 # --- files ----------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_png(image: np.ndarray, path: Path) -> None:
     from PIL import Image
 
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG", compress_level=3)
-    _write_atomic(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _figure(image: np.ndarray, style: HeatmapStyle, title: str) -> tuple[Any, Any]:
@@ -271,7 +205,7 @@ def _save_figure(fig: Any, path: Path) -> None:
         pil_kwargs={"compress_level": 3},  # level 6 (default) is ~3x slower, ~10% smaller
     )
     plt.close(fig)
-    _write_atomic(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _safe_name(name: str) -> str:

@@ -358,16 +358,16 @@ def test_predict_prefetches_the_next_slide(
 ) -> None:
     """With prefetching, slide b is planned in the background while slide a is predicted;
     the results are those of a run without it."""
-    import histoduo.predict as predict_module
+    import histoduo.predict.run as predict_module
 
     planned_in: dict[str, str] = {}
-    plan = predict_module._plan_slide
+    plan = predict_module.plan_slide
 
     def spy(source, params, tiling):  # noqa: ANN001, ANN202
         planned_in[source.name] = threading.current_thread().name
         return plan(source, params, tiling)
 
-    monkeypatch.setattr(predict_module, "_plan_slide", spy)
+    monkeypatch.setattr(predict_module, "plan_slide", spy)
     sources = [SlideSource(svs_slide.path), SlideSource(svs_slide_b.path)]
     results = {}
     for depth in (0, 1):

@@ -1,0 +1,97 @@
+"""How a prediction run works: :class:`PredictParams`, the device, tiling from the checkpoint."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from histoduo.grading import GradeParams
+from histoduo.run.pool import default_workers as _default_workers
+from histoduo.tissue import TissueParams
+
+if TYPE_CHECKING:
+    from histoduo.checkpoint import CheckpointMeta
+    from histoduo.tiling import TilingParams
+
+PRECISIONS = ("auto", "fp32", "bf16")
+THUMBNAIL_MAX_PX = 1024  # long side of the stored thumbnail the maps are painted on
+
+
+@dataclass(frozen=True)
+class PredictParams:
+    """How a run predicts; recorded in the manifest."""
+
+    target_mpp: float | None = None  # override of the checkpoint's target mpp (warned)
+    tile_size_px: int | None = None  # override of the checkpoint's tile size (warned)
+    stride_px: int | None = None  # at the target resolution; None = tile size (no overlap)
+    min_tissue_fraction: float = 0.25  # of a tile's area, 0-1
+    batch_size: int | None = None  # None: 256 on GPU, 64 on CPU
+    device: str = "auto"  # auto, cpu, cuda, cuda:N (histoduo/accel.py)
+    precision: str = "auto"  # auto: bf16 weights + autocast on GPU, fp32 on CPU
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the model (pays off on long GPU runs)
+    decode: str = "auto"  # auto: JPEG/pixels decoded on the GPU there, in workers on CPU
+    prefetch_slides: int = 1  # slides planned (opened, tissue, tiles) ahead in a thread
+    workers: int | None = None  # DataLoader workers; None: 1 on <= 2 cores, else cores - 1
+    torch_threads: int | None = None  # CPU intra-op threads; None: leave torch's default
+    tta: bool = False  # average over flips (identity, h, v, both)
+    heatmap: bool = False
+    backend: str = "auto"
+    tissue: TissueParams = field(default_factory=TissueParams)
+    grade: GradeParams = field(default_factory=GradeParams)
+    thumbnail_max_px: int = THUMBNAIL_MAX_PX
+
+    def __post_init__(self) -> None:
+        from histoduo.accel import check_decode, check_device_name
+
+        check_device_name(self.device)
+        check_decode(self.decode)
+        if self.prefetch_slides < 0:
+            raise ValueError(f"prefetch_slides must be >= 0, got {self.prefetch_slides}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.stride_px is not None and self.stride_px < 1:
+            raise ValueError(f"stride must be >= 1 px, got {self.stride_px}")
+        if not 0.0 <= self.min_tissue_fraction <= 1.0:
+            raise ValueError(f"min tissue fraction must be 0-1, got {self.min_tissue_fraction}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_device(device: str) -> str:
+    """``--device`` -> the torch device name it means here (accel.resolve_device)."""
+    from histoduo.accel import resolve_device as resolve
+
+    return str(resolve(device))
+
+
+def default_workers() -> int:
+    """DataLoader workers: one decoder on 2 cores, else one per core but the model's."""
+    return _default_workers(beside_main=True)
+
+
+def tiling_for(
+    meta: CheckpointMeta, params: PredictParams, warn: Callable[[str], None]
+) -> TilingParams:
+    from histoduo.tiling import TilingParams
+
+    target_mpp, size = meta.target_mpp, meta.tile_size_px
+    override = params.target_mpp
+    if override is not None and not math.isclose(override, target_mpp, rel_tol=1e-3):
+        warn(f"--mpp {override:g} overrides the checkpoint's {target_mpp:g} um/px")
+        target_mpp = override
+    if params.tile_size_px is not None and params.tile_size_px != size:
+        warn(f"--tile-size {params.tile_size_px} overrides the checkpoint's {size} px")
+        size = params.tile_size_px
+    return TilingParams(
+        target_mpp=target_mpp,
+        tile_size_px=size,
+        stride_px=params.stride_px,
+        min_tissue_fraction=params.min_tissue_fraction,
+        tissue=params.tissue,
+    )
