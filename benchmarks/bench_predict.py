@@ -112,12 +112,16 @@ def _forward_only(ckpt: Path, slide_path: Path, params) -> tuple[float, int]:  #
         predictor.batch_size,
         predictor.transform,
     )
-    batches = [x for _, x in tiles]
-    predictor(batches[0])  # warm-up
+    from histoduo.decode import model_batch
+
+    device = predictor.runtime.device
+    # Model-ready batches on the device (on a GPU, decoded and normalised there beforehand).
+    batches = [model_batch(x, device, predictor.transform.finish) for _, x in tiles]
+    predictor.forward(batches[0])  # warm-up
     t0 = time.perf_counter()
     for x in batches:
-        predictor(x)
-    if predictor.device == "cuda":
+        predictor.forward(x)
+    if device.type == "cuda":
         torch.cuda.synchronize()
     return len(coords) / (time.perf_counter() - t0), len(coords)
 

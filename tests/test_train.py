@@ -235,3 +235,31 @@ def test_a_runs_splits_csv_can_be_given_back(labelled_store: Path, trained) -> N
     patients.frame["group"] = ["p" + s[-1] for s in patients.frame["slide"]]
     mapped = read_splits(trained.run_dir / "splits.csv", patients)
     assert set(mapped) == set(patients.frame["group"])
+
+
+def test_report_has_throughput(trained) -> None:
+    speed = json.loads((trained.run_dir / "report.json").read_text())["throughput"]
+    assert speed["device"] == "cpu" and speed["decode"] == "worker"
+    assert speed["train_tiles_per_s"] > 0 and speed["eval_tiles_per_s"] > 0
+    assert speed["train_tiles_per_s_last_epoch"] > 0
+    assert speed["peak_gpu_memory_gib"] is None  # measured on CUDA only
+    assert speed["batch_size"] == 32
+
+
+def test_training_decoding_on_the_device_matches_workers(
+    labelled_store: Path, tmp_path: Path
+) -> None:
+    """The GPU's training path (workers read JPEG bytes; decode + augmentation in the main
+    process with each batch's seed), run on CPU, trains exactly as the worker path does."""
+    from model_configs import tiny
+
+    histories = {}
+    for mode in ("worker", "device"):
+        config = _config(epochs=1, iterations_per_epoch=3, batch_size=8, decode=mode)
+        result = train(labelled_store, tmp_path / mode, config, model_config=tiny(), progress=False)
+        histories[mode] = pd.read_csv(result.run_dir / "metrics.csv")
+        report = json.loads((result.run_dir / "report.json").read_text())
+        assert report["throughput"]["decode"] == mode
+    worker, device = histories["worker"], histories["device"]
+    assert worker["train_loss"].to_numpy() == pytest.approx(device["train_loss"].to_numpy())
+    assert worker["val_loss"].to_numpy() == pytest.approx(device["val_loss"].to_numpy())

@@ -66,10 +66,14 @@ def predict_command(
     tta: Annotated[bool, typer.Option("--tta", help="Average over flipped tiles (4x cost).")] = (
         False
     ),
-    device: Annotated[str, typer.Option("--device", help="auto, cuda or cpu.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     precision: Annotated[
-        str, typer.Option("--precision", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16.")
+        str,
+        typer.Option("--precision", help="auto (bf16 weights on GPU, fp32 on CPU), fp32, bf16."),
     ] = "auto",
+    compile_model: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the model (long GPU runs).")
+    ] = False,
     batch_size: Annotated[
         int | None,
         typer.Option(
@@ -152,6 +156,7 @@ def predict_command(
             batch_size=batch_size,
             device=device,
             precision=precision,
+            compile=compile_model,
             workers=workers,
             torch_threads=threads,
             tta=tta,

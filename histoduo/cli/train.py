@@ -36,7 +36,7 @@ from histoduo.cli._model_options import (
 from histoduo.cli._options import Quiet, TrustCheckpoint
 
 Store = Annotated[Path, typer.Argument(help="Tile store with labelled tiles.")]
-Device = Annotated[str, typer.Option("--device", help="auto, cuda or cpu.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 SlideLabels = Annotated[
     Path | None,
     typer.Option(

@@ -35,7 +35,6 @@ from histoduo.predict.outputs import (
     write_slides_csv,
 )
 from histoduo.predict.params import (
-    DEVICES,
     PRECISIONS,
     THUMBNAIL_MAX_PX,
     PredictParams,
@@ -50,7 +49,6 @@ from histoduo.scores import SCORES_FILE, SlideScores
 _tiling_for = tiling_for  # the name benchmarks/bench_predict.py uses
 
 __all__ = [
-    "DEVICES",
     "DONE_MARKER",
     "ERROR_FILE",
     "PRECISIONS",

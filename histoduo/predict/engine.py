@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch.utils.data import IterableDataset
 
-from histoduo.predict.params import PredictParams, resolve_device
+from histoduo.predict.params import PredictParams
 from histoduo.slide import open_slide
 
 if TYPE_CHECKING:
@@ -40,15 +40,24 @@ class _TransformSpec:
     mean: list[float]
     std: list[float]
     eval_resize: str
+    on_device: bool = False  # workers hand over uint8 / JPEG; the device decodes (decode.py)
 
-    def apply(self, tiles: np.ndarray) -> torch.Tensor:
+    def apply(self, tiles: np.ndarray) -> Any:
         # The exact evaluation transform (preprocess.py), done in the worker so the main
-        # process only runs the model.
-        from histoduo.preprocess import eval_transform, to_tensor_batch
+        # process only runs the model; or, on a GPU, left to the device.
+        from histoduo.preprocess import to_tensor_batch
 
-        return eval_transform(
-            to_tensor_batch(tiles), self.input_size_px, self.mean, self.std, self.eval_resize
-        )
+        if self.on_device:
+            from histoduo.decode import encoded_pixels
+
+            return encoded_pixels(tiles)
+        return self.finish(to_tensor_batch(tiles))
+
+    def finish(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 on any device -> normalised float there."""
+        from histoduo.preprocess import eval_transform
+
+        return eval_transform(batch, self.input_size_px, self.mean, self.std, self.eval_resize)
 
 
 class SlideTiles(IterableDataset):
@@ -125,6 +134,14 @@ class StoreTiles(IterableDataset):
             for chunk in _worker_share(n_chunks):
                 start = chunk * self.batch_size
                 stop = min(start + self.batch_size, self.n_tiles)
+                if self.transform.on_device:  # JPEG bytes as stored: the GPU decodes them
+                    from histoduo.decode import read_encoded
+
+                    yield (
+                        torch.arange(start, stop),
+                        read_encoded(store, self.slide, np.arange(start, stop)),
+                    )
+                    continue
                 tiles = store.read_tiles(self.slide, np.arange(start, stop))
                 yield torch.arange(start, stop), self.transform.apply(tiles)
 
@@ -147,41 +164,52 @@ class TilePredictor:
     """Model + device + precision: normalised batches in, class probabilities out."""
 
     def __init__(self, model: Any, meta: CheckpointMeta, params: PredictParams) -> None:
-        import torch
+        from histoduo.accel import Runtime, default_batch_size
+        from histoduo.decode import decode_on_device
 
         self.meta = meta
         self.params = params
-        self.device = resolve_device(params.device)
-        if params.torch_threads:
-            torch.set_num_threads(params.torch_threads)
-        precision = params.precision
-        if precision == "auto":
-            precision = "bf16" if self.device == "cuda" else "fp32"
-        self.precision = precision
-        self.model = model.to(self.device).eval()
-        if params.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.batch_size = params.batch_size or (256 if self.device == "cuda" else 64)
+        self.runtime = Runtime.create(
+            params.device,
+            params.precision,
+            channels_last=params.channels_last,
+            compile=params.compile,
+            torch_threads=params.torch_threads,
+        )
+        self.device = str(self.runtime.device)
+        self.precision = self.runtime.precision
+        self.model = self.runtime.prepare_model(model)
+        self.batch_size = params.batch_size or default_batch_size(self.runtime.device)
         self.transform = _TransformSpec(
-            meta.input_size_px, list(meta.mean), list(meta.std), meta.eval_resize
+            meta.input_size_px,
+            list(meta.mean),
+            list(meta.std),
+            meta.eval_resize,
+            on_device=decode_on_device(params.decode, self.runtime.device),
         )
 
-    def __call__(self, x: torch.Tensor) -> np.ndarray:
-        """(B, 3, S, S) normalised float -> (B, K) float32 probabilities."""
+    def default_workers(self, store: bool) -> int:
+        """Workers that only read store bytes for the GPU need fewer than decoding ones."""
+        from histoduo.accel import default_workers
+
+        return default_workers("bytes" if store and self.transform.on_device else "pixels")
+
+    def __call__(self, x: Any) -> np.ndarray:
+        """A loader's batch (normalised float, or encoded for the device) -> (B, K) float32
+        probabilities."""
+        from histoduo.decode import model_batch
+
+        return self.forward(model_batch(x, self.runtime.device, self.transform.finish))
+
+    def forward(self, x: torch.Tensor) -> np.ndarray:
+        """(B, 3, S, S) normalised float on the device -> (B, K) float32 probabilities."""
         import torch
 
-        x = x.to(self.device, non_blocking=True)
-        if self.params.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.runtime.model_input(x)
         views = [x]
         if self.params.tta:
             views += [x.flip(-1), x.flip(-2), x.flip(-1, -2)]
-        with (
-            torch.inference_mode(),
-            torch.autocast(
-                device_type=self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16"
-            ),
-        ):
+        with torch.inference_mode(), self.runtime.autocast():
             probs = sum(self.model(v).float().softmax(dim=1) for v in views) / len(views)
         return probs.cpu().numpy().astype(np.float32)
 
@@ -195,14 +223,14 @@ class TilePredictor:
             return probs
         n_chunks = math.ceil(len(tiles) / tiles.batch_size)
         workers = min(workers, n_chunks)
+        from histoduo.accel import loader_options
+
         loader = DataLoader(
             tiles,
             batch_size=None,  # the dataset yields whole batches
-            num_workers=workers,
             # forkserver/spawn: workers start clean and open the slide themselves.
             multiprocessing_context=_worker_context() if workers > 0 else None,
-            pin_memory=self.device == "cuda",
-            prefetch_factor=4 if workers > 0 else None,
+            **loader_options(self.runtime.device, workers),
         )
         for indices, x in loader:
             probs[indices.numpy()] = self(x)

@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     from histoduo.checkpoint import CheckpointMeta
     from histoduo.tiling import TilingParams
 
-DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("auto", "fp32", "bf16")
 THUMBNAIL_MAX_PX = 1024  # long side of the stored thumbnail the maps are painted on
 
@@ -29,9 +28,12 @@ class PredictParams:
     stride_px: int | None = None  # at the target resolution; None = tile size (no overlap)
     min_tissue_fraction: float = 0.25  # of a tile's area, 0-1
     batch_size: int | None = None  # None: 256 on GPU, 64 on CPU
-    device: str = "auto"
-    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    device: str = "auto"  # auto, cpu, cuda, cuda:N (histoduo/accel.py)
+    precision: str = "auto"  # auto: bf16 weights + autocast on GPU, fp32 on CPU
     channels_last: bool = True
+    compile: bool = False  # torch.compile the model (pays off on long GPU runs)
+    decode: str = "auto"  # auto: JPEG/pixels decoded on the GPU there, in workers on CPU
+    prefetch_slides: int = 1  # slides planned (opened, tissue, tiles) ahead in a thread
     workers: int | None = None  # DataLoader workers; None: 1 on <= 2 cores, else cores - 1
     torch_threads: int | None = None  # CPU intra-op threads; None: leave torch's default
     tta: bool = False  # average over flips (identity, h, v, both)
@@ -42,8 +44,12 @@ class PredictParams:
     thumbnail_max_px: int = THUMBNAIL_MAX_PX
 
     def __post_init__(self) -> None:
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        from histoduo.accel import check_decode, check_device_name
+
+        check_device_name(self.device)
+        check_decode(self.decode)
+        if self.prefetch_slides < 0:
+            raise ValueError(f"prefetch_slides must be >= 0, got {self.prefetch_slides}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.stride_px is not None and self.stride_px < 1:
@@ -64,13 +70,10 @@ class PredictParams:
 
 
 def resolve_device(device: str) -> str:
-    import torch
+    """``--device`` -> the torch device name it means here (accel.resolve_device)."""
+    from histoduo.accel import resolve_device as resolve
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
-    return device
+    return str(resolve(device))
 
 
 def default_workers() -> int:

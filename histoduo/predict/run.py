@@ -28,13 +28,15 @@ from histoduo.predict.outputs import (
     write_slide_outputs,
     write_slides_csv,
 )
-from histoduo.predict.params import PredictParams, default_workers, tiling_for
+from histoduo.predict.params import PredictParams, tiling_for
 from histoduo.predict.scoring import (
     grade_scores,
+    plan_slide,
     scores_from_slide,
     scores_from_store,
     tissue_area_mm2,
 )
+from histoduo.prefetch import Prefetcher
 from histoduo.run.errors import HistoduoError
 from histoduo.run.files import atomic_write_text
 from histoduo.run.slides import run_slides
@@ -69,6 +71,7 @@ class _PredictRun:
     say: Callable[[str], None]
     store: TileStore | None = None
     outcomes: list[SlideOutcome] = field(default_factory=list)
+    plans: Prefetcher | None = None  # the next slide, planned while this one runs
 
     def resumed(self, job: _Job) -> bool:
         slide_dir = self.out / job.name
@@ -86,8 +89,9 @@ class _PredictRun:
             scores = scores_from_store(self.store, job.name, self.predictor, self.workers)
         else:
             assert job.source is not None
+            plan = self.plans.get(job.name) if self.plans is not None else None
             scores = scores_from_slide(
-                job.source, self.predictor, self.params, self.tiling, self.workers
+                job.source, self.predictor, self.params, self.tiling, self.workers, plan
             )
         t_model = time.perf_counter() - t0
         grade = grade_scores(scores, self.meta, self.params.grade)
@@ -164,12 +168,15 @@ def predict_run(
     else:
         model, meta = model_and_meta
     predictor = TilePredictor(model, meta, params)
-    workers = default_workers() if params.workers is None else params.workers
+    workers = params.workers
+    if workers is None:
+        workers = predictor.default_workers(store=tiles_store is not None)
     tiling = tiling_for(meta, params, say)
     run = _PredictRun(out, checkpoint, meta, params, predictor, tiling, workers, overwrite, say)
     try:
         jobs = _jobs(run, sources, tiles_store, shard)
         out.mkdir(parents=True, exist_ok=True)  # once model, options and inputs check out
+        run.plans = _prefetch_plans(run, jobs)
         first_error = run_slides(
             jobs,
             process=run.process,
@@ -179,6 +186,8 @@ def predict_run(
             errors=(SlideError,),
         )
     finally:
+        if run.plans is not None:
+            run.plans.close()
         if run.store is not None:
             run.store.close()
 
@@ -222,6 +231,17 @@ def _jobs(
         check_output_name(job.name, job.path)
     _check_store_resolution(run.store, jobs, run.tiling, run.say)
     return jobs
+
+
+def _prefetch_plans(run: _PredictRun, jobs: list[_Job]) -> Prefetcher:
+    """Slides still to do are opened, their tissue found and tiles planned one ahead."""
+    sources = {j.name: j.source for j in jobs if j.source is not None}
+    todo = [n for n in sources if run.overwrite or not is_done(run.out / n)]
+    return Prefetcher(
+        lambda name: plan_slide(sources[name], run.params, run.tiling),
+        todo,
+        run.params.prefetch_slides,
+    )
 
 
 def _check_store_resolution(
@@ -271,8 +291,9 @@ def _manifest(
         },
         "params": params.to_dict(),
         "runtime": {
-            "device": predictor.device,
-            "precision": predictor.precision,
+            **predictor.runtime.describe(),
+            "decode": "device" if predictor.transform.on_device else "worker",
+            "prefetch_slides": params.prefetch_slides,
             "batch_size": predictor.batch_size,
             "workers": workers,
             "torch_threads": torch.get_num_threads(),

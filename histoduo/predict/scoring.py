@@ -7,7 +7,8 @@ slide is cut.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from histoduo.predict.params import PredictParams
 from histoduo.scores import SlideScores
 from histoduo.slide import open_slide
 from histoduo.sources import SlideSource
-from histoduo.tissue import detect_tissue, require_tissue
+from histoduo.tissue import TissueMask, detect_tissue, require_tissue
 
 if TYPE_CHECKING:
     from histoduo.checkpoint import CheckpointMeta
@@ -30,13 +31,22 @@ def class_colors(names: Sequence[str]) -> np.ndarray:
     return np.array([class_color(n) for n in names], dtype=np.uint8).reshape(-1, 3)
 
 
-def scores_from_slide(
-    source: SlideSource,
-    predictor: TilePredictor,
-    params: PredictParams,
-    tiling: TilingParams,
-    workers: int,
-) -> SlideScores:
+@dataclass
+class SlidePlan:
+    """Everything decided about a slide before its tiles are read (made ahead, prefetch.py)."""
+
+    geometry: Any
+    mask: TissueMask
+    coords: np.ndarray
+    fractions: np.ndarray
+    thumbnail: np.ndarray
+    thumb_ds: float
+    width0: int
+    height0: int
+
+
+def plan_slide(source: SlideSource, params: PredictParams, tiling: TilingParams) -> SlidePlan:
+    """Open the slide, find its tissue, plan its tiles, read its thumbnail; closes it."""
     from histoduo.tiling.geometry import TileGeometry, plan_tiles, require_tiles
 
     with open_slide(source.path, params.backend, source.mpp) as slide:
@@ -51,6 +61,20 @@ def scores_from_slide(
             thumbnail, thumb_ds = mask.thumbnail, mask.downsample
         else:
             thumbnail = slide.read_downsampled(thumb_ds)
+    return SlidePlan(geometry, mask, coords, fractions, thumbnail, thumb_ds, width0, height0)
+
+
+def scores_from_slide(
+    source: SlideSource,
+    predictor: TilePredictor,
+    params: PredictParams,
+    tiling: TilingParams,
+    workers: int,
+    plan: SlidePlan | None = None,
+) -> SlideScores:
+    p = plan or plan_slide(source, params, tiling)
+    geometry, mask, coords, fractions = p.geometry, p.mask, p.coords, p.fractions
+    thumbnail, thumb_ds, width0, height0 = p.thumbnail, p.thumb_ds, p.width0, p.height0
     # The slide is closed before workers start: they open it themselves.
     tiles = SlideTiles(
         str(source.path),

@@ -211,6 +211,21 @@ class TileStore:
             return np.stack(tiles)
         raise StoreError(self.path, f"slide {slide!r} holds coordinates only (a --dry-run store)")
 
+    def read_jpeg_bytes(
+        self, slide: str, indices: Sequence[int] | np.ndarray
+    ) -> list[np.ndarray] | None:
+        """The stored JPEG of each tile, undecoded (for batched GPU decoding); None when the
+        slide stores raw pixels (read those with :meth:`read_tiles`)."""
+        group = self._group(slide)
+        if "jpeg" not in group:
+            if "imgs" in group:
+                return None
+            raise StoreError(
+                self.path, f"slide {slide!r} holds coordinates only (a --dry-run store)"
+            )
+        data = group["jpeg"]
+        return [data[int(i)] for i in np.asarray(indices, dtype=np.int64)]
+
     def index(self) -> Any:
         """One row per tile of every slide: slide, tile (index within slide), x, y, label."""
         import pandas as pd

@@ -1,7 +1,8 @@
 """Train-time augmentation on uint8 tensor batches, then the shared normalisation.
 
 Everything is plain torch on (B, 3, H, W) batches, random per sample, so it runs in the
-DataLoader workers with no PIL round trips.
+DataLoader workers with no PIL round trips, or on the GPU after a batched decode there
+(random draws come from a CPU generator, so a seed gives the same augmentation on any device).
 """
 
 from __future__ import annotations
@@ -80,8 +81,9 @@ class TrainTransform:
             top, left = (int(v) for v in torch.randint(0, limit, (2,), generator=g))
             x = x[..., top : top + self.input_size_px, left : left + self.input_size_px]
         if a.flips:
-            flip_h = torch.rand(x.shape[0], generator=g) < 0.5
-            flip_v = torch.rand(x.shape[0], generator=g) < 0.5
+            # Drawn on the CPU generator (the same draws on any device), then moved to x.
+            flip_h = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
+            flip_v = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
             x = torch.where(flip_h[:, None, None, None], x.flip(-1), x)
             x = torch.where(flip_v[:, None, None, None], x.flip(-2), x)
         if a.rotate90 and x.shape[-1] == x.shape[-2]:
@@ -91,6 +93,7 @@ class TrainTransform:
             batch_size = x.shape[0]
             bright = 1 + (torch.rand(batch_size, 1, 1, 1, generator=g) * 2 - 1) * a.brightness
             contrast = 1 + (torch.rand(batch_size, 1, 1, 1, generator=g) * 2 - 1) * a.contrast
+            bright, contrast = bright.to(x), contrast.to(x)
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
             x = ((x * bright - mean) * contrast + mean).clamp(0, 1)
         if a.hed_sigma > 0:

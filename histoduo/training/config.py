@@ -52,6 +52,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     num_workers: int | None = None  # DataLoader workers; None: min(4, cores - 1)
+    decode: str = "auto"  # auto: tiles decoded + augmented on the GPU there (decode.py)
     device: str = "auto"
     seed: int = 0
     preset: str = "default"
@@ -73,6 +74,10 @@ class TrainConfig:
             raise ValueError("val + test fractions must leave slides for training")
         if self.split_by not in ("slide", "patient"):
             raise ValueError(f"split_by must be slide or patient, got {self.split_by!r}")
+        from histoduo.accel import check_decode, check_device_name
+
+        check_device_name(self.device)
+        check_decode(self.decode)
         if self.bf16 not in ("auto", "on", "off"):
             raise ValueError(f"bf16 must be auto, on or off, got {self.bf16!r}")
 

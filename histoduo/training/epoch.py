@@ -15,11 +15,13 @@ def _predict_rows(model: Any, loader: Any, device: Any, autocast: bool) -> tuple
     """(truth, predicted, mean loss) over a loader, in order."""
     import torch
 
+    from histoduo.decode import device_batches
+
     truths, preds, losses, n = [], [], 0.0, 0
     model.eval()
+    dtype = next(model.parameters()).dtype  # bf16 weights (accel.Runtime) take bf16 input
     with torch.inference_mode():
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
+        for x, y in device_batches(loader, device, dtype=dtype):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = model(x).float()
             losses += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
@@ -37,6 +39,8 @@ def train_epoch(
     """One pass over the training batches; the epoch's metrics row (loss, lr, throughput)."""
     import torch
 
+    from histoduo.decode import device_batches
+
     config, device, optimizer = session.config, session.device, session.optimizer
     session.sampler.set_epoch(epoch)
     net.train()
@@ -44,10 +48,8 @@ def train_epoch(
     loss_sum, seen, started = 0.0, 0, time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     lr_used = optimizer.param_groups[0]["lr"]
-    for step, (x, y) in enumerate(loader, start=1):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if config.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+    batches = device_batches(loader, device, channels_last=config.channels_last)
+    for step, (x, y) in enumerate(batches, start=1):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=session.autocast):
             loss = session.criterion(net(x).float(), y)
         (loss / config.grad_accumulation).backward()

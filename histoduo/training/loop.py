@@ -104,6 +104,7 @@ def train(
     """
     import torch
 
+    from histoduo.accel import reset_peak_memory
     from histoduo.models import maybe_compile
 
     config = config or TrainConfig()
@@ -119,7 +120,9 @@ def train(
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None
         )
-    loader = _loader(session.train_set, session.sampler, session.workers)
+    loader = _loader(session.train_set, session.sampler, session.workers, session.device)
+    reset_peak_memory(session.device)
+    first_epoch = start_epoch
     epochs_without_gain = 0
     with EpochProgress(progress and dist.main) as bars:
         for epoch in range(start_epoch, config.epochs + 1):
@@ -138,7 +141,8 @@ def train(
             if patience is not None and epochs_without_gain >= patience:
                 say(f"early stop: no validation gain in {epochs_without_gain} epochs")
                 break
-    final = _final_report(session, history, trust_checkpoint) if dist.main else {}
+    rates = [r["train_tiles_per_s"] for r in history if r["epoch"] >= first_epoch]
+    final = _final_report(session, history, rates, trust_checkpoint) if dist.main else {}
     if dist.enabled:  # waits for rank 0's report, and every rank returns it
         shared = [final]
         torch.distributed.broadcast_object_list(shared, src=0)
@@ -251,9 +255,17 @@ def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
 
 
 def _final_report(
-    session: TrainSession, history: list[dict[str, Any]], trust: bool = False
+    session: TrainSession,
+    history: list[dict[str, Any]],
+    rates: list[float] | None = None,
+    trust: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate best.pt on validation and test; write report.json and confusion PNGs."""
+    """Evaluate best.pt on validation and test; write report.json and confusion PNGs.
+
+    ``rates``: this run's training tiles/s per epoch, for report.json's ``throughput``."""
+    import time
+
+    from histoduo.accel import throughput_report
     from histoduo.checkpoint import load_model
     from histoduo.training.plots import confusion_matrix_plot
 
@@ -265,15 +277,20 @@ def _final_report(
         "epochs_run": len(history),
         "class_names": table.class_names,
     }
+    eval_tiles, eval_seconds = 0, 0.0
     for split, rows in (("val", session.val_rows), ("test", session.test_rows)):
         if not len(rows):
             continue
         loader = _loader(
-            _dataset(session.store_path, rows, session.eval_transform),
+            _dataset(session.store_path, rows, session.eval_transform, session.encoded),
             SequentialBatches(len(rows), 64),
             session.workers,
+            session.device,
         )
+        started = time.perf_counter()
         truth, predicted, _ = _predict_rows(model, loader, session.device, session.autocast)
+        eval_seconds += time.perf_counter() - started
+        eval_tiles += len(truth)
         report[split] = classification_report(truth, predicted, table.class_names)
         confusion_matrix_plot(
             np.array(report[split]["confusion_matrix"]),
@@ -284,6 +301,15 @@ def _final_report(
     for split in ("val", "test"):
         if split in report:
             report[f"{split}_balanced_accuracy"] = report[split]["balanced_accuracy"]
+    report["throughput"] = throughput_report(
+        session.device,
+        rates or [],
+        eval_tiles / eval_seconds if eval_seconds > 0 else None,
+        precision="bf16 autocast" if session.autocast else "fp32",
+        decode="device" if session.encoded else "worker",
+        world_size=session.dist.world_size,
+        batch_size=session.config.batch_size,
+    )
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     return report
 
@@ -296,14 +322,18 @@ def evaluate(
     *,
     slide_labels_csv: str | Path | None = None,
     device: str = "auto",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     num_workers: int | None = None,
     trust_checkpoint: bool = False,
+    decode: str = "auto",
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """The classification report of a checkpoint on a store's labelled tiles.
 
     ``split`` other than "all" needs ``splits_csv`` (default: ``splits.csv`` beside the
-    checkpoint, as ``train`` writes it).
+    checkpoint, as ``train`` writes it). On a GPU the model runs as ``predict`` runs it
+    (bf16 weights, channels_last) on tiles decoded there (accel.py, decode.py); batch size
+    default 256 on GPU, 64 on CPU.
     """
     from histoduo.checkpoint import load_model
 
@@ -323,15 +353,34 @@ def evaluate(
         rows = _rows(table, split_of, split)
         if rows.empty:
             raise LabelError(f"{path}: no tiles in split {split!r}")
-    torch_device = _device(device, _Dist())
-    model = model.to(torch_device)
+    import time
+
+    from histoduo.accel import Runtime, default_batch_size, default_workers
+    from histoduo.decode import decode_on_device
+
+    runtime = Runtime.create(device, precision)
+    model = runtime.prepare_model(model)
+    encoded = decode_on_device(decode, runtime.device)
+    if num_workers is None:
+        num_workers = default_workers("bytes") if encoded else _workers(TrainConfig())
     transform = EvalTransform(meta.input_size_px, meta.mean, meta.std, meta.eval_resize)
     loader = _loader(
-        _dataset(Path(store_path), rows, transform),
-        SequentialBatches(len(rows), batch_size),
-        _workers(TrainConfig(num_workers=num_workers)),
+        _dataset(Path(store_path), rows, transform, encoded),
+        SequentialBatches(len(rows), batch_size or default_batch_size(runtime.device)),
+        num_workers,
+        runtime.device,
     )
-    truth, predicted, loss = _predict_rows(model, loader, torch_device, torch_device.type == "cuda")
+    started = time.perf_counter()
+    truth, predicted, loss = _predict_rows(
+        model, loader, runtime.device, runtime.precision == "bf16"
+    )
+    seconds = time.perf_counter() - started
     report = classification_report(truth, predicted, meta.class_names)
     report.update(split=split, loss=loss, checkpoint=str(checkpoint), store=str(store_path))
+    report["throughput"] = {
+        **runtime.describe(),
+        "decode": "device" if encoded else "worker",
+        "tiles_per_s": len(truth) / seconds if seconds > 0 else None,
+        "peak_gpu_memory_gib": runtime.peak_memory_gib(),
+    }
     return report

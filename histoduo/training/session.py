@@ -58,15 +58,9 @@ class _Dist:
 
 
 def _device(name: str, dist: _Dist) -> Any:
-    import torch
+    from histoduo.accel import resolve_device
 
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
-        return torch.device("cuda", dist.local_rank)
-    return torch.device("cpu")
+    return resolve_device(name, dist.local_rank)
 
 
 def _seed_everything(seed: int) -> None:
@@ -85,11 +79,13 @@ def _workers(config: TrainConfig) -> int:
     return max(0, min(4, available_cores() - 1))
 
 
-def _loader(dataset: TileBatches, sampler: Any, workers: int) -> Any:
+def _loader(dataset: TileBatches, sampler: Any, workers: int, device: Any = None) -> Any:
     """Workers persist across epochs (the sampler, iterated in this process, changes the
-    batches; each batch carries its own augmentation seed)."""
+    batches; each batch carries its own augmentation seed). Pinned batches for a GPU."""
+    import torch
     from torch.utils.data import DataLoader
 
+    from histoduo.accel import loader_options
     from histoduo.run.pool import pool_context
     from histoduo.tileio import WORKER_PRELOAD
 
@@ -97,10 +93,9 @@ def _loader(dataset: TileBatches, sampler: Any, workers: int) -> Any:
         dataset,
         sampler=sampler,
         batch_size=None,
-        num_workers=workers,
         multiprocessing_context=pool_context(WORKER_PRELOAD) if workers else None,
         persistent_workers=workers > 0,
-        prefetch_factor=4 if workers else None,
+        **loader_options(device or torch.device("cpu"), workers),
     )
 
 
@@ -108,8 +103,13 @@ def _rows(table: TileTable, split_of: dict[str, str], split: str) -> pd.DataFram
     return table.frame[table.frame["group"].map(split_of) == split].reset_index(drop=True)
 
 
-def _dataset(store_path: Path, rows: pd.DataFrame, transform: Any) -> TileBatches:
-    return TileBatches(
+def _dataset(
+    store_path: Path, rows: pd.DataFrame, transform: Any, encoded: bool = False
+) -> TileBatches:
+    """Workers decode + transform, or (``encoded``) only read, for the GPU (decode.py)."""
+    from histoduo.decode import EncodedTileBatches
+
+    return (EncodedTileBatches if encoded else TileBatches)(
         store_path,
         rows["slide"].to_numpy(),
         rows["tile"].to_numpy(),
@@ -137,6 +137,7 @@ class TrainSession:
     device: Any
     owns_group: bool  # this call started torch.distributed and must end it
     autocast: bool
+    encoded: bool  # workers only read; the device decodes and augments (decode.py)
     out: Path
     store_path: Path
     store: TileStore
@@ -268,6 +269,9 @@ def setup_session(
 
     dist, device, owns_group = _runtime(config)
     autocast = config.bf16 == "on" or (config.bf16 == "auto" and device.type == "cuda")
+    from histoduo.decode import decode_on_device
+
+    encoded = decode_on_device(config.decode, device)  # the GPU decodes and augments
     store, table, split_of, train_rows, val_rows, test_rows = _data(store_path, config)
     n_classes = len(table.class_names)
     model_config = model_config or ModelConfig()
@@ -290,9 +294,10 @@ def setup_session(
     sampler, iterations = _sampler(config, train_rows, dist)
     workers = _workers(config)
     val_loader = _loader(
-        _dataset(store_path, val_rows, eval_transform),
+        _dataset(store_path, val_rows, eval_transform, encoded),
         SequentialBatches(len(val_rows), max(config.batch_size, 64)),
         workers,
+        device,
     )
     return TrainSession(
         config=config,
@@ -300,6 +305,7 @@ def setup_session(
         device=device,
         owns_group=owns_group,
         autocast=autocast,
+        encoded=encoded,
         out=out,
         store_path=store_path,
         store=store,
@@ -318,7 +324,7 @@ def setup_session(
         sampler=sampler,
         iterations=iterations,
         workers=workers,
-        train_set=_dataset(store_path, train_rows, train_transform),
+        train_set=_dataset(store_path, train_rows, train_transform, encoded),
         val_loader=val_loader,
         eval_transform=eval_transform,
     )
