@@ -7,23 +7,21 @@ and keeps the probabilities, so memory is bounded by a few batches for any slide
 
 Per slide ``OUT/<slide>/`` (every file written atomically, ``done`` written last)::
 
-    tiles.csv        one row per tile: slide, x, y, width, height (level 0), mpp,
-                     prob_<class>..., pred, tissue_fraction
+    tiles.csv        one row per tile (tables.py; columns in docs/prediction.md)
     scores.npz       the raw score grid: probs, coords, tile size, thumbnail, tissue mask,
                      class names and colours (enough to redraw every picture without the model)
     tiles.geojson    QuPath tiles (objectType "tile", class, probabilities as measurements)
     tissue.geojson   tissue outlines as QuPath annotations
     summary.json     the slide-level call (grading.py) and everything behind it
-    *.png            with heatmaps: see heatmap.py
+    *.png            thumbnail.png always; the maps with heatmaps (the default): heatmap.py
 
 Run level ``OUT/``: ``slides.csv`` (rebuilt from every finished slide folder, so shards and
-reruns accumulate) and ``manifest.json`` (``manifest.shard-K-of-N.json`` for a shard).
+reruns accumulate), ``report.html`` (report.py, rebuilt the same way) and ``manifest.json``
+(``manifest.shard-K-of-N.json`` for a shard).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -43,6 +41,13 @@ from histoduo.grading import GradeParams, SlideGrade, grade_slide
 from histoduo.heatmap import SCORES_FILE, SlideScores
 from histoduo.slide import SlideError, open_slide
 from histoduo.sources import SlideSource
+from histoduo.tables import (  # noqa: F401  (tiles_table_text: part of this module's API)
+    DONE_MARKER,
+    ERROR_FILE,
+    SUMMARY_FILE,
+    tiles_table_text,
+    write_slides_csv,
+)
 from histoduo.tissue import TissueMask, TissueParams, detect_tissue, require_tissue
 
 if TYPE_CHECKING:
@@ -52,9 +57,6 @@ if TYPE_CHECKING:
 
 DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("auto", "fp32", "bf16")
-DONE_MARKER = "done"
-SUMMARY_FILE = "summary.json"
-ERROR_FILE = "error.json"
 THUMBNAIL_MAX_PX = 1024  # long side of the stored thumbnail the maps are painted on
 
 
@@ -73,7 +75,7 @@ class PredictParams:
     workers: int | None = None  # DataLoader workers; None: 1 on <= 2 cores, else cores - 1
     torch_threads: int | None = None  # CPU intra-op threads; None: leave torch's default
     tta: bool = False  # average over flips (identity, h, v, both)
-    heatmap: bool = False
+    heatmap: bool = True  # draw the maps (the report shows them)
     backend: str = "auto"
     tissue: TissueParams = field(default_factory=TissueParams)
     grade: GradeParams = field(default_factory=GradeParams)
@@ -309,31 +311,14 @@ class TilePredictor:
 # --- per-slide results ----------------------------------------------------------------------
 
 
-def tiles_table_text(scores: SlideScores) -> str:
-    """tiles.csv as text (columns in the conventions' order, tissue_fraction last)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(
-        ["slide", "x", "y", "width", "height", "mpp"]
-        + [f"prob_{c}" for c in scores.class_names]
-        + ["pred", "tissue_fraction"]
-    )
-    size = scores.tile_size_level0
-    pred = scores.pred
-    for i, (x, y) in enumerate(scores.coords):
-        writer.writerow(
-            [scores.slide, int(x), int(y), size, size, f"{scores.target_mpp:.6g}"]
-            + [f"{p:.5f}" for p in scores.probs[i]]
-            + [scores.class_names[pred[i]], f"{scores.tissue_fraction[i]:.4f}"]
-        )
-    return buffer.getvalue()
-
-
 def tile_features(scores: SlideScores) -> list[dict[str, Any]]:
     """QuPath tile objects: level-0 squares classified by their most probable class."""
     size = float(scores.tile_size_level0)
     features = []
     colors = [tuple(int(v) for v in c) for c in scores.class_colors]
+    # classification.name stays the class id (QuPath keys classes by name; exported
+    # corrections then read back as training labels); the display name is the object name.
+    shown = scores.display_names
     for (x, y), p, k in zip(scores.coords, scores.probs, scores.pred):
         square = np.array([[x, y], [x + size, y], [x + size, y + size], [x, y + size]], float)
         features.append(
@@ -342,6 +327,7 @@ def tile_features(scores: SlideScores) -> list[dict[str, Any]]:
                 class_name=scores.class_names[k],
                 color=colors[k],
                 object_type="tile",
+                name=shown[k],
                 measurements={f"prob_{c}": float(v) for c, v in zip(scores.class_names, p)},
             )
         )
@@ -367,10 +353,12 @@ def write_slide_outputs(
         scores.tissue_mask, scores.mask_downsample, scores.thumbnail, scores.slide_mpp
     )
     write_feature_collection(slide_dir / "tissue.geojson", tissue_features(mask))
-    if heatmap:
-        from histoduo.heatmap import HeatmapStyle, render_slide_maps
+    from histoduo.heatmap import HeatmapStyle, render_slide_maps, render_thumbnail
 
+    if heatmap:
         render_slide_maps(scores, slide_dir, HeatmapStyle())
+    else:
+        render_thumbnail(scores, slide_dir, HeatmapStyle())  # the report shows it
     summary = {**summary, "grade": grade.to_dict()}
     atomic_write_text(slide_dir / SUMMARY_FILE, json.dumps(summary, indent=2, default=str))
     atomic_write_text(slide_dir / DONE_MARKER, json.dumps({"finished": time.time()}))
@@ -387,6 +375,7 @@ class SlideOutcome:
     n_tiles: int = 0
     call: str = ""
     confidence: float | None = None
+    uncertain: bool | None = None
     seconds: float = 0.0
     tiles_per_s: float | None = None
     error: str = ""
@@ -402,6 +391,12 @@ class PredictReport:
     @property
     def failed(self) -> list[SlideOutcome]:
         return [o for o in self.outcomes if o.status in ("error", "no_tissue")]
+
+
+def _display_list(meta: CheckpointMeta) -> list[str]:
+    from histoduo.display import display_names
+
+    return list(display_names(meta.class_names, meta.class_display_names).values())
 
 
 def _class_colors(names: Sequence[str]) -> np.ndarray:
@@ -474,6 +469,8 @@ def _slide_scores_from_slide(
         stride_level0=geometry.stride_level0,
         class_names=names,
         class_colors=_class_colors(names),
+        class_display_names=_display_list(predictor.meta),
+        grade_classes=list(predictor.meta.roles.grades),
         thumbnail=thumbnail,
         thumbnail_downsample=float(thumb_ds),
         tissue_mask=mask.mask,
@@ -505,6 +502,8 @@ def _slide_scores_from_store(
         stride_level0=int(attrs.get("stride_level0", attrs["tile_size_level0"])),
         class_names=names,
         class_colors=_class_colors(names),
+        class_display_names=_display_list(predictor.meta),
+        grade_classes=list(predictor.meta.roles.grades),
         thumbnail=thumbnail,
         thumbnail_downsample=thumb_ds,
         tissue_mask=mask,
@@ -518,8 +517,11 @@ def _slide_scores_from_store(
 
 
 def grade_scores(scores: SlideScores, meta: CheckpointMeta, params: GradeParams) -> SlideGrade:
+    """The slide call (grading.py) with its uncertainty flag."""
+    from histoduo.grading import Resolution, assess_uncertainty
+
     per_area = (scores.tile_size_level0 / max(scores.stride_level0, 1)) ** 2
-    return grade_slide(
+    grade = grade_slide(
         scores.probs,
         scores.class_names,
         meta.roles,
@@ -527,6 +529,8 @@ def grade_scores(scores: SlideScores, meta: CheckpointMeta, params: GradeParams)
         weights=scores.tissue_fraction,
         tiles_per_area=per_area,
     )
+    resolution = Resolution(scores.slide_mpp, scores.target_mpp, meta.target_mpp)
+    return assess_uncertainty(grade, params.uncertainty, resolution)
 
 
 def is_done(slide_dir: Path) -> bool:
@@ -611,6 +615,8 @@ def predict_run(
                     "tissue_area_mm2": _tissue_area_mm2(scores),
                     "slide_mpp": scores.slide_mpp,
                     "target_mpp": scores.target_mpp,
+                    "model_mpp": meta.target_mpp,
+                    "class_display_names": dict(zip(scores.class_names, scores.display_names)),
                     "tile_size_px": scores.tile_size_px,
                     "tile_size_level0": scores.tile_size_level0,
                     "stride_level0": scores.stride_level0,
@@ -643,16 +649,21 @@ def predict_run(
                     n_tiles=n,
                     call=grade.call,
                     confidence=grade.confidence,
+                    uncertain=grade.uncertain,
                     seconds=seconds,
                     tiles_per_s=n / t_model if t_model > 0 else None,
                 )
             )
-            say(f"{name}: {n} tiles, {grade.call} ({grade.confidence:.2f}), {seconds:.1f} s")
+            flag = f" [yellow]uncertain: {grade.uncertainty_text}[/]" if grade.uncertain else ""
+            say(f"{name}: {n} tiles, {grade.call} ({grade.confidence:.2f}), {seconds:.1f} s{flag}")
     finally:
         if store is not None:
             store.close()
 
     csv_path = write_slides_csv(out)
+    from histoduo.report import write_report
+
+    write_report(out)
     manifest = _manifest(checkpoint, meta, params, predictor, workers, outcomes, started, shard)
     manifest["tiles_store"] = str(tiles_store) if tiles_store else None
     manifest["overwrite"], manifest["skip_errors"] = overwrite, skip_errors
@@ -691,6 +702,7 @@ def _skipped_outcome(slide_dir: Path, name: str, path: str) -> SlideOutcome:
             n_tiles=int(summary.get("n_tiles", 0)),
             call=grade.get("call", ""),
             confidence=grade.get("confidence"),
+            uncertain=grade.get("uncertain"),
         )
     except (OSError, ValueError):
         return SlideOutcome(name, path, "skipped")
@@ -740,65 +752,3 @@ def _manifest(
         "shard": list(shard) if shard else None,
         "slides": [asdict(o) for o in outcomes],
     }
-
-
-SLIDES_CSV_BASE = [
-    "slide",
-    "path",
-    "status",
-    "tiles",
-    "tissue_area_mm2",
-    "call",
-    "confidence",
-    "tumour_fraction",
-    "necrosis_fraction",
-    "normal_fraction",
-]
-
-
-def write_slides_csv(out_dir: Path) -> Path:
-    """Rebuild OUT/slides.csv from every slide folder (finished or failed), atomically."""
-    rows: list[dict[str, Any]] = []
-    class_columns: list[str] = []
-    for slide_dir in sorted(p for p in out_dir.iterdir() if p.is_dir()):
-        if is_done(slide_dir) and (slide_dir / SUMMARY_FILE).exists():
-            summary = json.loads((slide_dir / SUMMARY_FILE).read_text())
-            grade = summary.get("grade", {})
-            row: dict[str, Any] = {
-                "slide": summary.get("slide", slide_dir.name),
-                "path": summary.get("path", ""),
-                "status": "done",
-                "tiles": summary.get("n_tiles", 0),
-                "tissue_area_mm2": summary.get("tissue_area_mm2"),
-                "call": grade.get("call", ""),
-                "confidence": grade.get("confidence"),
-                "tumour_fraction": grade.get("tumour_fraction"),
-                "necrosis_fraction": grade.get("necrosis_fraction"),
-                "normal_fraction": grade.get("normal_fraction"),
-            }
-            for cls, value in grade.get("class_fractions", {}).items():
-                column = f"fraction_{cls}"
-                row[column] = value
-                if column not in class_columns:
-                    class_columns.append(column)
-            rows.append(row)
-        elif (slide_dir / ERROR_FILE).exists():
-            error = json.loads((slide_dir / ERROR_FILE).read_text())
-            rows.append(
-                {
-                    "slide": error.get("slide", slide_dir.name),
-                    "path": error.get("path", ""),
-                    "status": error.get("status", "error"),
-                    "tiles": 0,
-                    "error": error.get("error", ""),
-                }
-            )
-    fields = SLIDES_CSV_BASE + class_columns + ["error"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n", restval="")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    path = out_dir / "slides.csv"
-    atomic_write_text(path, buffer.getvalue())
-    return path
