@@ -185,8 +185,8 @@ def run_demo(
     )
     slide_dir = results / held_out.path.stem
     tiles = pd.read_csv(slide_dir / "tiles.csv")
-    coords = tiles[["x", "y"]].to_numpy()
-    size0 = int(tiles["width"].iloc[0])
+    coords = tiles[["x_level0_px", "y_level0_px"]].to_numpy()
+    size0 = int(tiles["width_level0_px"].iloc[0])
     truth = truth_labels(held_out, coords, size0, class_names)
     predicted = np.array([class_names.index(p) for p in tiles["pred"]])
     known = truth >= 0
