@@ -243,3 +243,39 @@ def test_report_in_headless_chromium(run: Path, tmp_path: Path) -> None:
     for row in _rows(run / "slides.csv"):
         assert row["slide"] in text and row["call_display_name"] in text
         assert f"{float(row['confidence']):.2f}" in text
+
+
+def test_display_names_defaults_and_older_checkpoints() -> None:
+    from histoduo.checkpoint import CheckpointMeta
+    from histoduo.display import default_display_name, display_names
+
+    assert default_display_name("high_grade") == "High grade"
+    assert default_display_name("grade_3") == "Grade 3"
+    assert default_display_name("ISUP_3") == "ISUP 3"  # mixed case kept as written
+    assert display_names(CLASSES, DISPLAY) == {
+        "normal": "Normal",
+        "low_grade": "ISUP grade 1-2",
+        "high_grade": "ISUP grade 3-4",
+        "necrosis": "Necrosis",
+    }
+    meta = CheckpointMeta(
+        model_config={}, class_names=CLASSES, class_roles={}, target_mpp=0.5,
+        tile_size_px=64, input_size_px=64, mean=[0.0] * 3, std=[1.0] * 3,
+        class_display_names=DISPLAY,
+    )  # fmt: skip
+    assert CheckpointMeta.from_dict(meta.to_dict()).class_display_names == DISPLAY
+    older = meta.to_dict()
+    del older["class_display_names"]  # checkpoints written before display names
+    assert CheckpointMeta.from_dict(older).class_display_names == {}
+
+
+def test_train_cli_rejects_malformed_display_name(tmp_path: Path) -> None:
+    from histoduo.cli import app
+
+    store = tmp_path / "tiles.h5"
+    store.write_bytes(b"")
+    result = CliRunner().invoke(
+        app, ["train", str(store), "--out", str(tmp_path / "run"), "--display-name", "oops"]
+    )
+    assert result.exit_code != 0
+    assert "--display-name must look like" in " ".join(result.output.split())

@@ -178,6 +178,7 @@ def _meta(
         train_config=config.to_dict(),
         metrics=metrics,
         epoch=epoch,
+        class_display_names=dict(config.class_display_names),
     )
 
 
@@ -233,6 +234,9 @@ def train(
     _check_store_geometry(store)
     table = tile_table(store, config.slide_labels_csv, config.split_by)
     n_classes = len(table.class_names)
+    unnamed = sorted(set(config.class_display_names) - set(table.class_names))
+    if unnamed:
+        raise LabelError(f"display names for unknown classes {unnamed}: {table.class_names}")
     split_of = (
         read_splits(config.splits_csv, table)
         if config.splits_csv
