@@ -118,6 +118,7 @@ class SlideGrade:
     normal_fraction: float = 0.0
     tumour_tiles: int = 0
     n_classes: int = 0
+    tiles_per_area: float = 1.0  # (tile / stride)^2: tile counts per tile area
     uncertain: bool = False
     uncertainty: list[dict[str, str]] = field(default_factory=list)  # {"code", "text"}
 
@@ -175,6 +176,7 @@ def grade_slide(
         normal_fraction=sum(fractions[c] for c in roles.normal if c in names),
         tumour_tiles=tumour_tiles,
         n_classes=len(names),
+        tiles_per_area=float(max(tiles_per_area, 1.0)),
     )
     scale = max(tiles_per_area, 1.0)
     min_tumour_tiles = math.ceil(params.min_tumour_tiles * scale)
@@ -224,6 +226,9 @@ def assess_uncertainty(
     """Set ``grade.uncertain`` and ``grade.uncertainty`` (every reason that applies)."""
     reasons: list[dict[str, str]] = []
     chance = 1.0 / grade.n_classes if grade.n_classes else 0.0
+    # Tile minima mean areas: with overlapping tiles every point is counted several times.
+    min_tumour_tiles = math.ceil(params.min_tumour_tiles * grade.tiles_per_area)
+    min_tiles = math.ceil(params.min_tiles * grade.tiles_per_area)
     if grade.n_tiles and grade.confidence < params.min_confidence:
         near = " (near chance)" if grade.confidence < chance + 0.1 else ""
         reasons.append(
@@ -234,23 +239,21 @@ def assess_uncertainty(
             }
         )
     if grade.call != NO_TUMOUR and (
-        grade.tumour_fraction < params.min_tumour_fraction
-        or grade.tumour_tiles < params.min_tumour_tiles
+        grade.tumour_fraction < params.min_tumour_fraction or grade.tumour_tiles < min_tumour_tiles
     ):
         reasons.append(
             {
                 "code": "little_tumour",
                 "text": f"graded on little tumour: {grade.tumour_fraction:.1%} of the tissue in "
                 f"{grade.tumour_tiles} tiles (trusted from {params.min_tumour_fraction:.0%} "
-                f"and {params.min_tumour_tiles} tiles)",
+                f"and {min_tumour_tiles} tiles)",
             }
         )
-    if grade.n_tiles < params.min_tiles:
+    if grade.n_tiles < min_tiles:
         reasons.append(
             {
                 "code": "few_tiles",
-                "text": f"only {grade.n_tiles} tiles on the slide (trusted from "
-                f"{params.min_tiles})",
+                "text": f"only {grade.n_tiles} tiles on the slide (trusted from {min_tiles})",
             }
         )
     if resolution is not None:
@@ -287,16 +290,18 @@ def explain_grade(grade: SlideGrade, params: GradeParams, display: dict[str, str
     by_area = sorted(grade.class_fractions.items(), key=lambda kv: -kv[1])
     tissue = ", ".join(f"{name(c)} {v:.0%}" for c, v in by_area)
     lines = [f"{grade.n_tiles} tiles; tissue area by most probable class: {tissue}."]
+    min_tumour_tiles = math.ceil(params.min_tumour_tiles * grade.tiles_per_area)
+    min_grade_tiles = math.ceil(params.min_grade_tiles * grade.tiles_per_area)
     lines.append(
         f"Tumour (the grade classes) covers {grade.tumour_fraction:.1%} of the tissue in "
         f"{grade.tumour_tiles} tiles; below {params.min_tumour_fraction:.0%} or "
-        f"{params.min_tumour_tiles} tiles a slide is called {NO_TUMOUR!r}."
+        f"{min_tumour_tiles} tiles a slide is called {NO_TUMOUR!r}."
     )
     if grade.grade_fractions and grade.call != NO_TUMOUR:
         shares = ", ".join(f"{name(g)} {v:.0%}" for g, v in grade.grade_fractions.items())
         lines.append(
             f"Share of the tumour by grade: {shares}. The highest grade with at least "
-            f"{params.min_grade_fraction:.0%} of the tumour and {params.min_grade_tiles} tiles "
+            f"{params.min_grade_fraction:.0%} of the tumour and {min_grade_tiles} tiles "
             "decides (WHO/ISUP: the highest grade present)."
         )
     reason = grade.reason

@@ -119,6 +119,26 @@ def _safe_name(name: str) -> str:
     return safe(name)
 
 
+def _model_line(run_dir: Path) -> str:
+    """The checkpoint in words, from the run's (or a shard's) manifest; "" if none."""
+    import json
+
+    manifests = [run_dir / "manifest.json", *sorted(run_dir.glob("manifest.shard-*.json"))]
+    for path in manifests:
+        try:
+            checkpoint = json.loads(path.read_text())["checkpoint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        name = Path(str(checkpoint.get("path") or "?")).name
+        c = {k: checkpoint.get(k, "?") for k in ("arch", "backbone", "target_mpp", "tile_size_px")}
+        return (
+            f"{name}: {c['arch']} ({c['backbone']}), trained at {c['target_mpp']} µm/px on "
+            f"{c['tile_size_px']} px tiles, epoch {checkpoint.get('epoch', '?')}; "
+            f"classes {', '.join(checkpoint.get('class_names', []))}"
+        )
+    return ""
+
+
 def render_report(run_dir: str | Path, maps_dir: str | Path | None = None,
                   report_path: str | Path | None = None) -> str:  # fmt: skip
     """The report's HTML for the run in ``run_dir`` (maps from ``maps_dir``, default the same)."""
@@ -142,6 +162,7 @@ def render_report(run_dir: str | Path, maps_dir: str | Path | None = None,
         if (run_dir / name).exists()
     ]
     return env.get_template("report.html.j2").render(
+        model=_model_line(run_dir),
         title=f"histoduo report: {run_dir.resolve().name}",
         run_dir=str(run_dir.resolve()),
         created=time.strftime("%Y-%m-%d %H:%M:%S %Z"),

@@ -134,6 +134,18 @@ def test_little_tumour_and_few_tiles_are_flagged() -> None:
     assert result.uncertainty_codes == ["few_tiles"]
 
 
+def test_overlap_scales_the_tile_minima_of_the_flag() -> None:
+    # 60 tiles at stride = tile / 2 cover the area of 15 tiles: below the 50-tile minimum.
+    grade = grade_slide(_probs({"low_grade": 60}), CLASSES, ROLES, tiles_per_area=4.0)
+    assessed = assess_uncertainty(grade, UncertaintyParams(min_tumour_tiles=10), MATCHED)
+    assert (
+        assessed.uncertainty_codes == ["few_tiles"]
+        and "trusted from 200" in assessed.uncertainty_text
+    )
+    grade = grade_slide(_probs({"low_grade": 60}), CLASSES, ROLES, tiles_per_area=1.0)
+    assert not assess_uncertainty(grade, UncertaintyParams(min_tiles=50), MATCHED).uncertain
+
+
 def test_resolution_outside_training_is_flagged() -> None:
     probs = _probs({"normal": 100, "low_grade": 150})
     # --mpp 1.0 on a model trained at 0.5 um/px
