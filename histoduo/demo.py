@@ -204,6 +204,7 @@ def run_demo(
             "checkpoint": str(result.best_checkpoint),
             "training run": str(result.run_dir),
             "class overlay": str(slide_dir / "class_overlay.png"),
+            "report": str(results / "report.html"),
             "class map": str(slide_dir / "class_map.png"),
             "grade map": str(slide_dir / "grade_map.png"),
             "tile CSV": str(slide_dir / "tiles.csv"),

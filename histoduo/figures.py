@@ -17,6 +17,8 @@ import numpy as np
 
 DPI = 100
 MIN_LONG_PX = 800  # long side of the drawn map, px
+# Fonts are sized for the report, where a figure is shown at about half its pixel size.
+LEGEND_PX = 380  # room right of the map for the legend
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,8 @@ def map_figure_png(
 
     big, k = upsample_nearest(image, min_long_px)
     h, w = big.shape[:2]
-    left, top, bottom = 20, 56, 20
-    right = 20 + (300 if legend else 0) + (120 if colorbar is not None else 0)
+    left, top, bottom = 20, 64, 20
+    right = 20 + (LEGEND_PX if legend else 0) + (140 if colorbar is not None else 0)
     fig_w, fig_h = w + left + right, h + top + bottom
     fig = plt.figure(figsize=(fig_w / DPI, fig_h / DPI), dpi=DPI)
     ax = fig.add_axes((left / fig_w, bottom / fig_h, w / fig_w, h / fig_h))
@@ -85,7 +87,7 @@ def map_figure_png(
     # Data coordinates in µm, so the scale bar is drawn in real lengths.
     ax.imshow(big, interpolation="nearest", extent=(0, width_um, height_um, 0))
     ax.set_axis_off()
-    fig.suptitle(title, x=left / fig_w, y=1 - 12 / fig_h, ha="left", va="top", fontsize=13)
+    fig.suptitle(title, x=left / fig_w, y=1 - 12 / fig_h, ha="left", va="top", fontsize=16)
 
     length = nice_length_um(width_um)
     pad = 0.03 * min(width_um, height_um)
@@ -104,7 +106,7 @@ def map_figure_png(
     ax.add_patch(Rectangle((x0, y0), length, bar_h, facecolor="black", edgecolor="none"))
     ax.text(
         x0 + length / 2, y0 - pad * 0.3, format_length(length), ha="center", va="bottom",
-        fontsize=11, color="black",
+        fontsize=14, color="black",
     )  # fmt: skip
 
     if legend:
@@ -116,22 +118,21 @@ def map_figure_png(
             handles=handles,
             loc="upper left",
             bbox_to_anchor=((left + w + 16) / fig_w, 1 - top / fig_h),
-            fontsize=11,
+            fontsize=14,
             title=legend_title,
-            title_fontsize=11,
+            title_fontsize=13,
             frameon=True,
         )
     if colorbar is not None:
-        cax = fig.add_axes(
-            ((left + w + 20 + (300 if legend else 0)) / fig_w, bottom / fig_h + 0.1 * h / fig_h,
-             18 / fig_w, 0.8 * h / fig_h)
-        )  # fmt: skip
+        bar_x = left + w + 20 + (LEGEND_PX if legend else 0)
+        cax = fig.add_axes((bar_x / fig_w, (bottom + 0.1 * h) / fig_h, 18 / fig_w, 0.8 * h / fig_h))
         mappable = matplotlib.cm.ScalarMappable(
             norm=matplotlib.colors.Normalize(colorbar.vmin, colorbar.vmax),
             cmap=matplotlib.colormaps[colorbar.cmap],
         )
         bar = fig.colorbar(mappable, cax=cax)
-        bar.set_label(colorbar.label, fontsize=11)
+        bar.set_label(colorbar.label, fontsize=14)
+        bar.ax.tick_params(labelsize=12)
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", facecolor="white", pil_kwargs={"compress_level": 3})

@@ -363,7 +363,7 @@ def render_slide_maps(
     gmap = grade_map(scores, style)
     grade_legend = [(names[k], tuple(int(c) for c in colors[k])) for k in grades]
     if scores.grade_classes:
-        grade_legend.append(("other tissue (no tumour grade)", OTHER_TISSUE_RGB))
+        grade_legend.append(("non-tumour tissue", OTHER_TISSUE_RGB))
     write(
         "grade_map",
         map_figure_png(

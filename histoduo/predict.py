@@ -661,14 +661,14 @@ def predict_run(
             store.close()
 
     csv_path = write_slides_csv(out)
-    from histoduo.report import write_report
-
-    write_report(out)
     manifest = _manifest(checkpoint, meta, params, predictor, workers, outcomes, started, shard)
     manifest["tiles_store"] = str(tiles_store) if tiles_store else None
     manifest["overwrite"], manifest["skip_errors"] = overwrite, skip_errors
     name = "manifest.json" if shard is None else f"manifest.shard-{shard[0]}-of-{shard[1]}.json"
     atomic_write_text(out / name, json.dumps(manifest, indent=2, default=str))
+    from histoduo.report import write_report
+
+    write_report(out)  # after the manifest: the report names the model from it
     report = PredictReport(str(out), outcomes, str(out / name), str(csv_path))
     if first_error is not None:
         raise first_error
