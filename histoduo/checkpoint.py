@@ -16,11 +16,13 @@ A checkpoint is a ``torch.save`` dict::
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from histoduo.run.errors import HistoduoError
+from histoduo.run.files import atomic_path
 
 CHECKPOINT_FORMAT = "histoduo-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -31,13 +33,8 @@ _LOW_WORDS = ("low",)
 _HIGH_WORDS = ("high",)
 
 
-class CheckpointError(Exception):
+class CheckpointError(HistoduoError):
     """A file is not a usable histoduo checkpoint; the message names the file."""
-
-    def __init__(self, path: str | Path, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{path}: {reason}")
 
 
 @dataclass
@@ -175,9 +172,8 @@ def save_checkpoint(
     }
     if train_state is not None:
         payload["train_state"] = train_state
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from histoduo.run.files import atomic_write_text  # noqa: F401 - re-exported
 
 Polygon = tuple[np.ndarray, list[np.ndarray]]
 
@@ -191,21 +191,6 @@ def polygon_feature(
     if measurements:
         properties["measurements"] = {k: float(v) for k, v in measurements.items()}
     return {"type": "Feature", "geometry": geometry, "properties": properties}
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temporary file in the same folder and os.replace, so readers never see
-    a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_feature_collection(path: str | Path, features: list[dict[str, Any]]) -> None:

@@ -1,6 +1,6 @@
 """Pictures from saved scores: class map, per-class probability maps, grade map.
 
-Everything here reads ``scores.npz`` (:class:`SlideScores`), never the model, so
+Everything here reads ``scores.npz`` (:class:`histoduo.scores.SlideScores`), never the model, so
 ``histoduo heatmap`` can redraw maps with other colours, alpha, classes or scaling.
 
 Painting follows the conventions: colour only inside the tissue mask, overlapping tiles
@@ -20,86 +20,13 @@ Files per slide folder:
 
 from __future__ import annotations
 
-import os
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-SCORES_FILE = "scores.npz"
-
-
-@dataclass
-class SlideScores:
-    """Everything ``scores.npz`` holds; enough to redraw every picture without the model."""
-
-    slide: str
-    probs: np.ndarray  # (N, K) float32
-    coords: np.ndarray  # (N, 2) int64 level-0 top-left
-    tissue_fraction: np.ndarray  # (N,) float32
-    tile_size_level0: int
-    stride_level0: int
-    class_names: list[str]
-    class_colors: np.ndarray  # (K, 3) uint8
-    thumbnail: np.ndarray  # (h, w, 3) uint8
-    thumbnail_downsample: float
-    tissue_mask: np.ndarray  # (hm, wm) bool
-    mask_downsample: float
-    slide_width: int
-    slide_height: int
-    slide_mpp: float
-    target_mpp: float
-    tile_size_px: int
-    # Names people read, in class order (histoduo.display); None: derived from the ids.
-    class_display_names: list[str] | None = None
-    # Tumour grade classes low -> high (checkpoint roles); None: grade map paints every class.
-    grade_classes: list[str] | None = None
-
-    @property
-    def pred(self) -> np.ndarray:
-        return self.probs.argmax(axis=1)
-
-    @property
-    def display_names(self) -> list[str]:
-        from histoduo.display import default_display_name
-
-        given = self.class_display_names or []
-        if len(given) == len(self.class_names):
-            return list(given)
-        return [default_display_name(c) for c in self.class_names]
-
-    def save(self, path: Path) -> None:
-        arrays = {k: v for k, v in asdict(self).items() if v is not None}
-        for key in ("class_names", "class_display_names", "grade_classes"):
-            if key in arrays:
-                arrays[key] = np.array(arrays[key], dtype=str).reshape(-1)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            with open(tmp, "wb") as handle:
-                np.savez_compressed(handle, **{k: np.asarray(v) for k, v in arrays.items()})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    @classmethod
-    def load(cls, path: str | Path) -> SlideScores:
-        with np.load(path, allow_pickle=False) as data:
-            values: dict[str, Any] = {k: data[k] for k in data.files}
-        values["slide"] = str(values["slide"])
-        for key in ("tile_size_level0", "stride_level0", "slide_width", "slide_height"):
-            values[key] = int(values[key])
-        values["tile_size_px"] = int(values["tile_size_px"])
-        for key in ("thumbnail_downsample", "mask_downsample", "slide_mpp", "target_mpp"):
-            values[key] = float(values[key])
-        for key in ("class_names", "class_display_names", "grade_classes"):
-            if key in values:  # the last two are absent in older scores files
-                values[key] = [str(c) for c in values[key]]
-        values["tissue_mask"] = values["tissue_mask"].astype(bool)
-        return cls(**values)
+from histoduo.run.files import atomic_write_bytes
+from histoduo.scores import SCORES_FILE, SlideScores  # noqa: F401 - re-exported
 
 
 @dataclass
@@ -255,17 +182,6 @@ def _grade_indices(scores: SlideScores, style: HeatmapStyle) -> list[int]:
 # --- files ----------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _safe_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
@@ -281,7 +197,7 @@ def render_thumbnail(
     path.parent.mkdir(parents=True, exist_ok=True)
     um = scores.thumbnail_downsample * scores.slide_mpp
     title = f"{scores.slide}: thumbnail"
-    _write_atomic(
+    atomic_write_bytes(
         path, map_figure_png(scores.thumbnail, um, title, min_long_px=style.min_display_px)
     )
     return {"thumbnail": path}
@@ -308,7 +224,7 @@ def render_slide_maps(
 
     def write(key: str, png: bytes) -> None:
         paths[key] = out / f"{key}.png"
-        _write_atomic(paths[key], png)
+        atomic_write_bytes(paths[key], png)
 
     paths.update(render_thumbnail(scores, out, style))
     cmap_ = class_map(scores, style)

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from histoduo.geojson import atomic_write_text
 from histoduo.grading import GradeParams, SlideGrade, UncertaintyParams, explain_grade
+from histoduo.run.files import atomic_write_text
 from histoduo.tables import SLIDES_CSV, SlideRecord, collect_slides
 
 REPORT_FILE = "report.html"

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from histoduo.run.errors import HistoduoError
+
 BACKENDS = ("auto", "openslide", "tiffslide")
 
 # Extensions a folder scan picks up as slides.
@@ -40,13 +42,8 @@ _MAX_WHOLE_READ_PX = 32 * 1024 * 1024
 _JPEG2000_COMPRESSIONS = {33003, 33005, 34712}
 
 
-class SlideError(Exception):
+class SlideError(HistoduoError):
     """A slide cannot be used; the message names the file and says what is wrong."""
-
-    def __init__(self, path: str | Path, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{path}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -344,7 +341,21 @@ def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
     return (rgb.astype(np.float32) * a + 255.0 * (1.0 - a) + 0.5).astype(np.uint8)
 
 
-class OpenSlideSlide(Slide):
+class _LibrarySlide(Slide):
+    """A slide held by a reader library object (``self._slide``) with OpenSlide's API."""
+
+    _slide: Any
+
+    @property
+    def level_dimensions(self) -> list[tuple[int, int]]:
+        return [tuple(d) for d in self._slide.level_dimensions]
+
+    @property
+    def level_downsamples(self) -> list[float]:
+        return [float(d) for d in self._slide.level_downsamples]
+
+
+class OpenSlideSlide(_LibrarySlide):
     backend = "openslide"
 
     def __init__(self, path: Path, mpp_override: float | None = None) -> None:
@@ -357,14 +368,6 @@ class OpenSlideSlide(Slide):
             raise SlideError(path, "unsupported or unrecognised slide format") from exc
         except openslide.OpenSlideError as exc:
             raise SlideError(path, f"corrupt or unreadable slide ({exc})") from exc
-
-    @property
-    def level_dimensions(self) -> list[tuple[int, int]]:
-        return [tuple(d) for d in self._slide.level_dimensions]
-
-    @property
-    def level_downsamples(self) -> list[float]:
-        return [float(d) for d in self._slide.level_downsamples]
 
     @property
     def properties(self) -> Mapping[str, str]:
@@ -387,7 +390,7 @@ class OpenSlideSlide(Slide):
         self._slide.close()
 
 
-class TiffSlideSlide(Slide):
+class TiffSlideSlide(_LibrarySlide):
     backend = "tiffslide"
 
     def __init__(self, path: Path, mpp_override: float | None = None) -> None:
@@ -399,14 +402,6 @@ class TiffSlideSlide(Slide):
         except Exception as exc:  # tifffile raises many types for bad files
             raise SlideError(path, f"cannot open with tiffslide ({exc})") from exc
         _check_rgb_pages(path, self._slide)
-
-    @property
-    def level_dimensions(self) -> list[tuple[int, int]]:
-        return [tuple(d) for d in self._slide.level_dimensions]
-
-    @property
-    def level_downsamples(self) -> list[float]:
-        return [float(d) for d in self._slide.level_downsamples]
 
     @property
     def properties(self) -> Mapping[str, str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from histoduo.display import default_display_name, display_names
-from histoduo.geojson import atomic_write_text
+from histoduo.run.files import atomic_write_text
 
 if TYPE_CHECKING:
     from histoduo.heatmap import SlideScores

@@ -12,6 +12,10 @@ import numpy as np
 
 from histoduo.slide import Slide, open_slide
 
+# What a tile worker imports; the fork server loads these once, so each worker starts
+# without paying for them (tiffslide's imports cost about a second).
+WORKER_PRELOAD = ("histoduo.tileio", "tiffslide", "openslide", "imagecodecs", "PIL.Image")
+
 
 def encode_jpeg(tile: np.ndarray, quality: int) -> np.ndarray:
     """JPEG bytes of an RGB tile, as the uint8 array HDF5 stores."""

@@ -9,8 +9,6 @@ QuPath ROI to intersect with, or replace, the detected mask.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,7 +136,9 @@ class TissueMask:
 
 
 class NoTissueError(SlideError):
-    """Detection found no tissue on a slide."""
+    """Detection found no tissue on a slide (or no tile holds enough of it)."""
+
+    status = "no_tissue"
 
 
 def require_tissue(mask: TissueMask, path: str | Path) -> TissueMask:
@@ -355,15 +355,10 @@ def overlay_image(mask: TissueMask, alpha: float = 0.3) -> np.ndarray:
 def _save_png_atomic(image: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    from histoduo.run.files import atomic_path
+
+    with atomic_path(path) as tmp:
         Image.fromarray(image).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def tissue_features(mask: TissueMask) -> list[dict[str, Any]]:

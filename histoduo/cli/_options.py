@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -79,3 +80,18 @@ OutFile = Annotated[Path, typer.Option("--out", "-o", help="Output file.")]
 MinTissue = Annotated[
     float, typer.Option("--min-tissue", help="Minimum tissue fraction of a tile (0-1).")
 ]
+
+
+def mpp_from_options(mpp: float | None, magnification: float | None) -> tuple[float, float | None]:
+    """The target mpp from --mpp or --mag (10x ~ 1.0 um/px); default 0.5 (20x)."""
+    if mpp is not None and magnification is not None:
+        raise ValueError("give --mpp or --mag, not both")
+    if magnification is not None:
+        if magnification <= 0:
+            raise ValueError(f"--mag must be positive, got {magnification}")
+        return 10.0 / magnification, magnification
+    if mpp is not None:
+        if not mpp > 0 or not math.isfinite(mpp):
+            raise ValueError(f"--mpp must be positive, got {mpp}")
+        return mpp, None
+    return 0.5, None

@@ -163,9 +163,10 @@ def tile_command(
     quiet: Quiet = False,
 ) -> None:
     """Detect tissue and cut tiles into one HDF5 tile store (resumable)."""
+    from histoduo.cli._options import mpp_from_options
     from histoduo.slide import SlideError
     from histoduo.store import StoreError
-    from histoduo.tiling import TilingParams, mpp_from_options, summarise, tile_slides
+    from histoduo.tiling import TilingParams, summarise, tile_slides
     from histoduo.tissue import TissueParams
 
     if stride is not None and overlap is not None:

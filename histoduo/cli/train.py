@@ -198,7 +198,8 @@ def train_command(
     if not store.exists():
         raise fail(f"{store}: tile store not found")
     try:
-        tile_size = int(TileStore(store).attrs(TileStore(store).slides[0])["tile_size_px"])
+        with TileStore(store) as tiles:
+            tile_size = tiles.record(tiles.slides[0]).tile_size_px
     except (StoreError, IndexError, KeyError) as exc:
         raise fail(f"{store}: not a usable tile store ({exc})") from None
     model_config = model_config_from_options(
@@ -282,9 +283,9 @@ def evaluate_command(
     except (LabelError, StoreError, CheckpointError, ValueError) as exc:
         raise fail(str(exc)) from None
     if out is not None:
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(out)
+        from histoduo.run.files import atomic_write_text
+
+        atomic_write_text(out, json.dumps(report, indent=2))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return

@@ -108,7 +108,8 @@ def tile_table(
 
 
 def _store_patient(store: TileStore, slide: str) -> str:
-    return str(store.attrs(slide).get("patient", slide))
+    patient = store.record(slide).patient
+    return patient if patient is not None else slide
 
 
 def make_splits(
@@ -179,9 +180,10 @@ def write_splits(path: Path, table: TileTable, assignment: dict[str, str]) -> No
         .reset_index(name="tiles")
         .assign(split=lambda f: f["group"].map(assignment))
     )
-    tmp = path.with_name(path.name + ".tmp")
-    rows[["slide", "group", "split", "tiles"]].to_csv(tmp, index=False)
-    tmp.replace(path)
+    from histoduo.run.files import atomic_write
+
+    with atomic_write(path, "w", newline="") as handle:
+        rows[["slide", "group", "split", "tiles"]].to_csv(handle, index=False)
 
 
 # --- datasets ------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +18,10 @@ def _figure():  # noqa: ANN202
 
 
 def _save(fig, path: Path) -> None:  # noqa: ANN001
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    from histoduo.run.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
 
 
 def training_curves(metrics: pd.DataFrame, path: Path) -> Path:

@@ -1,0 +1,86 @@
+"""Atomic output files whose permissions follow the user's umask.
+
+Every output histoduo writes goes through here: data lands in a hidden temporary file in the
+destination folder and is renamed into place, so readers never see half a file and a killed
+run leaves the previous file intact. The temporary file is created with ``os.open(..., 0o666)``
+so the umask decides its mode, as for any file a user's program creates (``tempfile.mkstemp``
+would leave 0600, unreadable to a QuPath user on another account).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+
+def temporary_path(path: str | Path) -> Path:
+    """A unique hidden sibling of ``path``; renaming it onto ``path`` is atomic."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def fsync_path(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit_path(tmp: str | Path, path: str | Path, *, fsync: bool = True) -> Path:
+    """Rename a finished temporary file onto ``path`` (after syncing it to disk)."""
+    if fsync:
+        fsync_path(tmp)
+    os.replace(tmp, path)
+    return Path(path)
+
+
+@contextmanager
+def atomic_path(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
+    """A temporary path to hand to a library writer (h5py, torch.save, savefig, PIL).
+
+    Renamed onto ``path`` when the block ends normally, removed when it raises. Libraries
+    create the file with ``open``, so its mode follows the umask too.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        yield tmp
+        commit_path(tmp, path, fsync=fsync)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "w", **open_kwargs: Any) -> Iterator[IO[Any]]:
+    """Open ``path`` for writing atomically (``"w"`` text, ``"wb"`` bytes).
+
+    The file appears complete under its name when the block ends, or not at all.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write writes new files only ('w' or 'wb'), got {mode!r}")
+    if mode == "w":
+        open_kwargs.setdefault("encoding", "utf-8")
+    with atomic_path(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, mode, **open_kwargs) as handle:
+            yield handle
+            handle.flush()
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    with atomic_write(path, "w") as handle:
+        handle.write(text)
+    return Path(path)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_write(path, "wb") as handle:
+        handle.write(data)
+    return Path(path)

@@ -1,0 +1,82 @@
+"""Worker processes: how many, and how they start.
+
+Workers start from a clean process (forkserver, spawn where that does not exist), never a fork
+of a parent that holds open slide or HDF5 handles; the fork server imports the worker modules
+once, so each worker starts without paying for those imports again.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, not the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def default_workers(*, beside_main: bool = False) -> int:
+    """Worker processes for a run.
+
+    ``beside_main=False`` (tiling, import: the parent only writes): one per core.
+    ``beside_main=True`` (predict: the parent runs the model): leave one core to the parent;
+    on 2 cores one decoder beside the model measured best (benchmarks/bench_predict.py).
+    """
+    cores = available_cores()
+    if not beside_main:
+        return cores
+    return 1 if cores <= 2 else cores - 1
+
+
+def pool_context(preload: Sequence[str] = ()) -> mp.context.BaseContext:
+    """forkserver preloading ``preload`` (modules), or spawn where forkserver is missing."""
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        if preload:
+            ctx.set_forkserver_preload(list(preload))
+        return ctx
+    return mp.get_context("spawn")
+
+
+@contextmanager
+def worker_pool(
+    workers: int, preload: Sequence[str] = (), initializer: Any = None
+) -> Iterator[Any]:
+    """A ``multiprocessing.Pool`` of clean workers, closed and joined on exit."""
+    pool = pool_context(preload).Pool(workers, initializer=initializer)
+    try:
+        yield pool
+    finally:
+        pool.close()
+        pool.join()
+
+
+class LazyPool:
+    """A worker pool started only when a slide first needs one (resumed runs need none)."""
+
+    def __init__(self, workers: int, preload: Sequence[str] = (), initializer: Any = None) -> None:
+        self.workers = workers
+        self.preload = tuple(preload)
+        self.initializer = initializer
+        self._pool: Any = None
+
+    def get(self) -> Any:
+        """The pool, or None when ``workers`` is 0 (work runs in this process)."""
+        if self._pool is None and self.workers > 0:
+            self._pool = pool_context(self.preload).Pool(self.workers, initializer=self.initializer)
+        return self._pool
+
+    def __enter__(self) -> LazyPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool.join()
+            self._pool = None
