@@ -114,9 +114,8 @@ def _slide_view(record: SlideRecord, maps_dir: Path, report_dir: Path) -> SlideV
 
 
 def _safe_name(name: str) -> str:
-    from histoduo.heatmap import _safe_name as safe
-
-    return safe(name)
+    """How heatmap.py names prob_<class>.png (kept here so the report needs no map code)."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
 def _model_line(run_dir: Path) -> str:
