@@ -150,12 +150,19 @@ class CheckpointMeta:
     train_config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     epoch: int = 0
+    # {class id: name people read, e.g. "ISUP grade 3-4"}; missing classes get a default
+    # derived from the id (histoduo.display). Absent in older checkpoints.
+    class_display_names: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CheckpointMeta:
+        data = dict(data)
+        data["class_display_names"] = {
+            str(k): str(v) for k, v in (data.get("class_display_names") or {}).items()
+        }
         return cls(**data)
 
     @property

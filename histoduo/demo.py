@@ -195,6 +195,7 @@ def run_demo(
             "checkpoint": str(result.best_checkpoint),
             "training run": str(result.run_dir),
             "class overlay": str(slide_dir / "class_overlay.png"),
+            "report": str(results / "report.html"),
             "class map": str(slide_dir / "class_map.png"),
             "grade map": str(slide_dir / "grade_map.png"),
             "tile CSV": str(slide_dir / "tiles.csv"),
@@ -214,8 +215,8 @@ def _held_out_accuracy(
     import pandas as pd
 
     tiles = pd.read_csv(slide_dir / "tiles.csv")
-    coords = tiles[["x", "y"]].to_numpy()
-    size0 = int(tiles["width"].iloc[0])
+    coords = tiles[["x_level0_px", "y_level0_px"]].to_numpy()
+    size0 = int(tiles["width_level0_px"].iloc[0])
     truth = truth_labels(held_out, coords, size0, class_names)
     predicted = np.array([class_names.index(p) for p in tiles["pred"]])
     known = truth >= 0

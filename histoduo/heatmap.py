@@ -5,24 +5,23 @@ Everything here reads ``scores.npz`` (:class:`histoduo.scores.SlideScores`), nev
 
 Painting follows the conventions: colour only inside the tissue mask, overlapping tiles
 averaged (each thumbnail pixel gets the mean probability of every tile covering it), alpha
-~0.4 over the thumbnail, no blur, and a legend or colour bar on every figure.
+~0.4 over the thumbnail, no blur. Every figure (figures.py) has a title, a legend or colour
+bar, a scale bar and at least 800 px on its long side (nearest-neighbour enlargement).
 
 Files per slide folder:
 
-    class_overlay.png   thumbnail-sized overlay of the most probable class (no legend; exact
-                        pixels, e.g. to stack over the slide in a viewer)
-    class_map.png       the same with slide name and a legend of class names and colours
+    thumbnail.png       the slide thumbnail with a scale bar
+    class_overlay.png   most probable class blended (alpha) over the thumbnail, with a legend
+    class_map.png       the same classes opaque (no thumbnail underneath), white outside tissue
     prob_<class>.png    probability of one class over the thumbnail, with a colour bar
-    grade_map.png       most probable class at a fixed level-0 downsample (default 64 level-0
-                        px per pixel), white outside tissue
+    grade_map.png       tumour grade classes at a fixed level-0 downsample (default 64 level-0
+                        px per cell), other tissue grey, white outside tissue
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -40,7 +39,7 @@ class HeatmapStyle:
     percentile: float | None = None  # probability colour scale up to this percentile
     cmap: str = "inferno"
     grade_map_downsample: float = 64.0  # level-0 px per grade-map pixel
-    min_display_px: int = 640  # small thumbnails are enlarged (nearest) in figures
+    min_display_px: int = 800  # long side of every map; small ones enlarged (nearest)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -150,8 +149,13 @@ def class_map(scores: SlideScores, style: HeatmapStyle) -> ClassMap:
     return ClassMap(np.clip(out + 0.5, 0, 255).astype(np.uint8), painted, mean, inside)
 
 
+OTHER_TISSUE_RGB = (205, 205, 205)  # grade map: tissue whose most probable class is no grade
+
+
 def grade_map(scores: SlideScores, style: HeatmapStyle) -> np.ndarray:
-    """Most probable class colour per pixel at a fixed level-0 downsample; white elsewhere."""
+    """Tumour grade per pixel at a fixed level-0 downsample: grade classes in their colour,
+    other tissue light grey, white outside tissue. Without grade classes (older scores files)
+    every class is painted."""
     ds = style.grade_map_downsample
     shape = (
         max(1, int(np.ceil(scores.slide_height / ds))),
@@ -160,103 +164,97 @@ def grade_map(scores: SlideScores, style: HeatmapStyle) -> np.ndarray:
     mean, covered = mean_probabilities(scores, ds, shape)
     inside = covered & mask_on_canvas(scores, ds, shape)
     argmax = mean.argmax(axis=2)
-    painted = inside & np.isin(argmax, _selected(scores, style))
+    painted = inside & np.isin(argmax, _grade_indices(scores, style))
     out = np.full((*shape, 3), 255, dtype=np.uint8)
+    out[inside] = OTHER_TISSUE_RGB
     out[painted] = _colors(scores, style)[argmax[painted]]
     return out
 
 
+def _grade_indices(scores: SlideScores, style: HeatmapStyle) -> list[int]:
+    selected = _selected(scores, style)
+    if not scores.grade_classes:
+        return selected
+    grades = [scores.class_names.index(g) for g in scores.grade_classes if g in scores.class_names]
+    return [k for k in grades if k in selected]
+
+
 # --- files ----------------------------------------------------------------------------------
-
-
-def _save_png(image: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", compress_level=3)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def _figure(image: np.ndarray, style: HeatmapStyle, title: str) -> tuple[Any, Any]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    h, w = image.shape[:2]
-    zoom = max(1.0, style.min_display_px / max(h, w))
-    dpi = 100
-    fig, ax = plt.subplots(figsize=(w * zoom / dpi + 2.6, h * zoom / dpi + 0.6), dpi=dpi)
-    ax.imshow(image, interpolation="nearest")
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=10)
-    return fig, ax
-
-
-def _save_figure(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(
-        buffer,
-        format="png",
-        bbox_inches="tight",
-        facecolor="white",
-        pil_kwargs={"compress_level": 3},  # level 6 (default) is ~3x slower, ~10% smaller
-    )
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _safe_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
+def render_thumbnail(
+    scores: SlideScores, out_dir: str | Path, style: HeatmapStyle | None = None
+) -> dict[str, Path]:
+    """thumbnail.png: the slide thumbnail with a title and a scale bar."""
+    from histoduo.figures import map_figure_png
+
+    style = style or HeatmapStyle()
+    path = Path(out_dir) / "thumbnail.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    um = scores.thumbnail_downsample * scores.slide_mpp
+    title = f"{scores.slide}: thumbnail"
+    atomic_write_bytes(
+        path, map_figure_png(scores.thumbnail, um, title, min_long_px=style.min_display_px)
+    )
+    return {"thumbnail": path}
+
+
 def render_slide_maps(
     scores: SlideScores, out_dir: str | Path, style: HeatmapStyle | None = None
 ) -> dict[str, Path]:
-    """Write every map of one slide into ``out_dir``; returns {kind: path}."""
-    from matplotlib.patches import Patch
+    """Write every map of one slide into ``out_dir``; returns {kind: path}.
+
+    Every map has a title, a legend or colour bar and a scale bar (figures.py).
+    """
+    import matplotlib
+
+    from histoduo.figures import ColorBar, map_figure_png
 
     style = style or HeatmapStyle()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
+    names = scores.display_names
+    um_thumb = scores.thumbnail_downsample * scores.slide_mpp
+    size = style.min_display_px
+
+    def write(key: str, png: bytes) -> None:
+        paths[key] = out / f"{key}.png"
+        atomic_write_bytes(paths[key], png)
+
+    paths.update(render_thumbnail(scores, out, style))
     cmap_ = class_map(scores, style)
     colors = _colors(scores, style)
     selected = _selected(scores, style)
-
-    paths["class_overlay"] = out / "class_overlay.png"
-    _save_png(cmap_.overlay, paths["class_overlay"])
-
-    fig, ax = _figure(cmap_.overlay, style, f"{scores.slide}: most probable class")
     pred = cmap_.mean_probs.argmax(axis=2)
-    handles = []
+    legend = []
     for k in selected:
         share = float((pred[cmap_.inside] == k).mean()) if cmap_.inside.any() else 0.0
-        handles.append(
-            Patch(
-                facecolor=colors[k] / 255.0,
-                edgecolor="black",
-                label=f"{scores.class_names[k]} ({share:.0%})",
-            )
-        )
-    ax.legend(
-        handles=handles,
-        loc="upper left",
-        bbox_to_anchor=(1.02, 1.0),
-        fontsize=10,
-        title="class (tissue share)",
-        frameon=True,
-    )
-    paths["class_map"] = out / "class_map.png"
-    _save_figure(fig, paths["class_map"])
-
-    import matplotlib
+        legend.append((f"{names[k]} ({share:.0%})", tuple(int(c) for c in colors[k])))
+    write(
+        "class_overlay",
+        map_figure_png(
+            cmap_.overlay, um_thumb, f"{scores.slide}: most probable class over the tissue",
+            legend=legend, legend_title="class (share of tissue)", min_long_px=size,
+        ),
+    )  # fmt: skip
+    opaque = np.full_like(scores.thumbnail, 255)
+    opaque[cmap_.painted] = colors[pred[cmap_.painted]]
+    opaque[cmap_.inside & ~cmap_.painted] = OTHER_TISSUE_RGB
+    write(
+        "class_map",
+        map_figure_png(
+            opaque, um_thumb, f"{scores.slide}: class map (most probable class per tile)",
+            legend=legend, legend_title="class (share of tissue)", min_long_px=size,
+        ),
+    )  # fmt: skip
 
     cmap = matplotlib.colormaps[style.cmap]
     for k in selected:
-        name = scores.class_names[k]
         values = cmap_.mean_probs[..., k]
         vmax = 1.0
         if style.percentile is not None and cmap_.inside.any():
@@ -266,20 +264,30 @@ def render_slide_maps(
         inside = cmap_.inside
         image[inside] = image[inside] * (1 - style.alpha) + rgba[inside] * style.alpha
         image = np.clip(image + 0.5, 0, 255).astype(np.uint8)
-        fig, ax = _figure(image, style, f"{scores.slide}: P({name})")
-        mappable = matplotlib.cm.ScalarMappable(
-            norm=matplotlib.colors.Normalize(0.0, vmax), cmap=cmap
+        label = f"P({names[k]})" + (
+            f", scaled to p{style.percentile:g}" if style.percentile else ""
         )
-        bar = fig.colorbar(mappable, ax=ax, fraction=0.04, pad=0.02)
-        bar.set_label(
-            f"P({name})" + (f", scaled to p{style.percentile:g}" if style.percentile else "")
-        )
-        key = f"prob_{_safe_name(name)}"
-        paths[key] = out / f"{key}.png"
-        _save_figure(fig, paths[key])
+        write(
+            f"prob_{_safe_name(scores.class_names[k])}",
+            map_figure_png(
+                image, um_thumb, f"{scores.slide}: probability of {names[k]}",
+                colorbar=ColorBar(style.cmap, 0.0, vmax, label), min_long_px=size,
+            ),
+        )  # fmt: skip
 
-    paths["grade_map"] = out / "grade_map.png"
-    _save_png(grade_map(scores, style), paths["grade_map"])
+    grades = _grade_indices(scores, style)
+    gmap = grade_map(scores, style)
+    grade_legend = [(names[k], tuple(int(c) for c in colors[k])) for k in grades]
+    if scores.grade_classes:
+        grade_legend.append(("non-tumour tissue", OTHER_TISSUE_RGB))
+    write(
+        "grade_map",
+        map_figure_png(
+            gmap, style.grade_map_downsample * scores.slide_mpp,
+            f"{scores.slide}: tumour grade ({style.grade_map_downsample:g} level-0 px per cell)",
+            legend=grade_legend, legend_title="most probable class", min_long_px=size,
+        ),
+    )  # fmt: skip
     return paths
 
 
@@ -303,4 +311,9 @@ def redraw(
         scores = SlideScores.load(folder / SCORES_FILE)
         target = folder if out_dir is None else Path(out_dir) / folder.name
         render_slide_maps(scores, target, style)
+    # The run's report.html, with the redrawn maps (a single slide folder: its run's report).
+    from histoduo.report import REPORT_FILE, write_report
+
+    run_dir = folders[0].parent
+    write_report(run_dir, out_dir, Path(out_dir or run_dir) / REPORT_FILE)
     return folders

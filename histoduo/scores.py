@@ -38,14 +38,29 @@ class SlideScores:
     slide_mpp: float
     target_mpp: float
     tile_size_px: int
+    # Names people read, in class order (histoduo.display); None: derived from the ids.
+    class_display_names: list[str] | None = None
+    # Tumour grade classes low -> high (checkpoint roles); None: grade map paints every class.
+    grade_classes: list[str] | None = None
 
     @property
     def pred(self) -> np.ndarray:
         return self.probs.argmax(axis=1)
 
+    @property
+    def display_names(self) -> list[str]:
+        from histoduo.display import default_display_name
+
+        given = self.class_display_names or []
+        if len(given) == len(self.class_names):
+            return list(given)
+        return [default_display_name(c) for c in self.class_names]
+
     def save(self, path: Path) -> None:
-        arrays = dict(asdict(self))
-        arrays["class_names"] = np.array(self.class_names, dtype=str)
+        arrays = {k: v for k, v in asdict(self).items() if v is not None}
+        for key in ("class_names", "class_display_names", "grade_classes"):
+            if key in arrays:
+                arrays[key] = np.array(arrays[key], dtype=str).reshape(-1)
         with atomic_write(path, "wb") as handle:
             np.savez_compressed(handle, **{k: np.asarray(v) for k, v in arrays.items()})
 
@@ -59,6 +74,8 @@ class SlideScores:
         values["tile_size_px"] = int(values["tile_size_px"])
         for key in ("thumbnail_downsample", "mask_downsample", "slide_mpp", "target_mpp"):
             values[key] = float(values[key])
-        values["class_names"] = [str(c) for c in values["class_names"]]
+        for key in ("class_names", "class_display_names", "grade_classes"):
+            if key in values:  # the last two are absent in older scores files
+                values[key] = [str(c) for c in values[key]]
         values["tissue_mask"] = values["tissue_mask"].astype(bool)
         return cls(**values)

@@ -10,9 +10,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from histoduo.heatmap import (
+    OTHER_TISSUE_RGB,
     HeatmapStyle,
     SlideScores,
     class_map,
+    grade_map,
     mean_probabilities,
     redraw,
     render_slide_maps,
@@ -57,19 +59,53 @@ def _scores(stride0: int = 100) -> SlideScores:
 
 def test_class_map_colours_only_tissue(tmp_path: Path) -> None:
     scores = _scores()
-    paths = render_slide_maps(scores, tmp_path)
-    overlay = np.asarray(Image.open(paths["class_overlay"]))
+    overlay = class_map(scores, HeatmapStyle()).overlay  # the pixels class_overlay.png shows
     assert overlay.shape == scores.thumbnail.shape
     changed = (overlay != scores.thumbnail).any(axis=2)
     assert changed[:, :50].all() and not changed[:, 50:].any()  # tissue = left half
     # alpha 0.4 of high-grade red over grey 230 in the top half
     expected = np.round(230 * 0.6 + np.array([220, 40, 40]) * 0.4)
     assert np.abs(overlay[10, 10].astype(int) - expected).max() <= 1
-    grade = np.asarray(Image.open(paths["grade_map"]))
+    grade = grade_map(scores, HeatmapStyle())
     assert grade.shape == (13, 16, 3)  # ceil(800 / 64), ceil(1000 / 64)
     assert (grade[:, 10:] == 255).all()
-    for key in ("class_map", "prob_high_grade", "prob_normal"):
-        assert paths[key].exists() and Image.open(paths[key]).size[0] > 100
+    assert (grade[2, 2] == [220, 40, 40]).all()  # no grade classes recorded: all classes
+
+
+def test_grade_map_paints_only_grades() -> None:
+    scores = _scores()
+    scores.grade_classes = ["high_grade"]  # low grade becomes "other tissue"
+    grade = grade_map(scores, HeatmapStyle())
+    assert (grade[2, 2] == [220, 40, 40]).all()
+    assert (grade[10, 2] == OTHER_TISSUE_RGB).all()
+    assert (grade[:, 10:] == 255).all()
+
+
+def test_every_map_is_a_labelled_figure(tmp_path: Path) -> None:
+    """Titles, keys and scale bars are drawn: each PNG is large and differs from the bare map."""
+    scores = _scores()
+    scores.class_display_names = ["Benign", "ISUP grade 1-2", "ISUP grade 3-4", "Necrosis"]
+    paths = render_slide_maps(scores, tmp_path)
+    expected = {"thumbnail", "class_overlay", "class_map", "grade_map"}
+    expected |= {f"prob_{c}" for c in CLASSES}
+    assert set(paths) == expected
+    for path in paths.values():
+        image = np.asarray(Image.open(path).convert("RGB"))
+        assert max(image.shape[:2]) >= 800  # the 100 x 80 px canvas enlarged
+        # Black ink (title, scale bar, legend text) exists: the bare maps have none.
+        assert ((image < 40).all(axis=2)).sum() > 200
+
+
+def test_scale_bar_lengths() -> None:
+    from histoduo.figures import format_length, nice_length_um, upsample_nearest
+
+    assert nice_length_um(500.0) == 100.0  # a fifth of 500 um
+    assert nice_length_um(12_000.0) == 2000.0
+    assert nice_length_um(80.0) == 10.0
+    assert format_length(2000.0) == "2 mm" and format_length(50.0) == "50 µm"
+    big, k = upsample_nearest(np.arange(6, dtype=np.uint8).reshape(2, 3), 800)
+    assert k == 267 and big.shape == (534, 801)
+    assert (big[:267, :267] == 0).all() and (big[267:, 534:] == 5).all()  # no blending
 
 
 def test_overlapping_tiles_are_averaged() -> None:

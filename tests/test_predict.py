@@ -18,8 +18,13 @@ from histoduo.sources import SlideSource
 CLASSES = ["normal", "low_grade", "high_grade", "necrosis"]
 
 
-def make_checkpoint(path: Path, target_mpp: float = 1.0, seed: int = 0) -> Path:
-    """A tiny random DuoFormer checkpoint (64 px tiles at ``target_mpp``)."""
+def make_checkpoint(
+    path: Path,
+    target_mpp: float = 1.0,
+    seed: int = 0,
+    display_names: dict[str, str] | None = None,
+) -> Path:
+    """A tiny random (chance-level) DuoFormer checkpoint (64 px tiles at ``target_mpp``)."""
     import torch
 
     from histoduo.checkpoint import CheckpointMeta, ClassRoles, save_checkpoint
@@ -47,6 +52,7 @@ def make_checkpoint(path: Path, target_mpp: float = 1.0, seed: int = 0) -> Path:
         input_size_px=64,
         mean=[0.485, 0.456, 0.406],
         std=[0.229, 0.224, 0.225],
+        class_display_names=dict(display_names or {}),
     )
     return save_checkpoint(path, build_model(config).state_dict(), meta)
 
@@ -69,20 +75,20 @@ def test_tiles_csv_and_scores(run_dir: Path, svs_slide) -> None:  # noqa: ANN001
     assert (slide_dir / "done").exists()
     with (slide_dir / "tiles.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == (
-        ["slide", "x", "y", "width", "height", "mpp"]
-        + [f"prob_{c}" for c in CLASSES]
-        + ["pred", "tissue_fraction"]
-    )
     assert len(rows) > 10
     for row in rows:
         assert row["slide"] == "svs_a" and row["pred"] in CLASSES
-        assert int(row["width"]) == int(row["height"]) == 256  # 64 px at 1 um / 0.25 um
-        assert float(row["mpp"]) == pytest.approx(1.0)
+        assert row["pred_display_name"] == row["pred"].replace("_", " ").capitalize()
+        # 64 px at 1 um/px = 64 um of tissue = 256 level-0 px at 0.25 um/px
+        assert int(row["width_level0_px"]) == int(row["height_level0_px"]) == 256
+        assert int(row["tile_size_px"]) == 64
+        assert float(row["tile_mpp"]) == pytest.approx(1.0)
+        assert float(row["tile_width_um"]) == pytest.approx(64.0)
         probs = [float(row[f"prob_{c}"]) for c in CLASSES]
         assert sum(probs) == pytest.approx(1.0, abs=1e-3)
         assert 0.25 <= float(row["tissue_fraction"]) <= 1.0
-        assert 0 <= int(row["x"]) <= 3072 - 256 and 0 <= int(row["y"]) <= 2048 - 256
+        assert 0 <= int(row["x_level0_px"]) <= 3072 - 256
+        assert 0 <= int(row["y_level0_px"]) <= 2048 - 256
     scores = np.load(slide_dir / "scores.npz")
     assert scores["probs"].shape == (len(rows), 4)
     assert scores["coords"].dtype == np.int64
@@ -109,22 +115,23 @@ def test_geojson_level0_inside_slide(run_dir: Path) -> None:
 
 
 def test_heatmap_png_size_and_tissue_only(run_dir: Path) -> None:
-    scores = np.load(run_dir / "svs_a" / "scores.npz")
-    thumbnail = scores["thumbnail"]
-    overlay = np.asarray(Image.open(run_dir / "svs_a" / "class_overlay.png"))
+    from histoduo.heatmap import HeatmapStyle, SlideScores, class_map, mask_on_canvas
+
+    scores = SlideScores.load(run_dir / "svs_a" / "scores.npz")
+    thumbnail = scores.thumbnail
+    overlay = class_map(scores, HeatmapStyle()).overlay  # what class_overlay.png shows
     assert overlay.shape == thumbnail.shape
     changed = (overlay != thumbnail).any(axis=2)
     # Resample the tissue mask onto the thumbnail: colour never leaves the tissue.
-    from histoduo.heatmap import mask_on_canvas
-
-    class _S:  # what mask_on_canvas reads
-        tissue_mask = scores["tissue_mask"].astype(bool)
-        mask_downsample = float(scores["mask_downsample"])
-
-    inside = mask_on_canvas(_S, float(scores["thumbnail_downsample"]), thumbnail.shape[:2])
+    inside = mask_on_canvas(scores, scores.thumbnail_downsample, thumbnail.shape[:2])
     assert changed.any() and not (changed & ~inside).any()
-    for name in ["class_map", "grade_map"] + [f"prob_{c}" for c in CLASSES]:
-        assert (run_dir / "svs_a" / f"{name}.png").exists()
+    assert scores.grade_classes == ["low_grade", "high_grade"]
+    assert scores.display_names == ["Normal", "Low grade", "High grade", "Necrosis"]
+    names = ["thumbnail", "class_overlay", "class_map", "grade_map"] + [
+        f"prob_{c}" for c in CLASSES
+    ]
+    for name in names:
+        assert max(Image.open(run_dir / "svs_a" / f"{name}.png").size) >= 800
 
 
 def test_run_level_reports(run_dir: Path) -> None:
@@ -137,6 +144,10 @@ def test_run_level_reports(run_dir: Path) -> None:
     assert row["call"] in ("low_grade", "high_grade", "no tumour")
     assert 0 <= float(row["confidence"]) <= 1
     assert sum(float(row[f"fraction_{c}"]) for c in CLASSES) == pytest.approx(1.0)
+    assert len(set(rows[0])) == len(rows[0])  # no column twice
+    assert "normal_fraction" not in row and "necrosis_fraction" not in row
+    assert float(row["tile_mpp"]) == float(row["model_mpp"]) == 1.0
+    assert float(row["slide_mpp"]) == pytest.approx(0.25)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["torch_version"] and manifest["histoduo_version"]
     assert manifest["checkpoint"]["class_names"] == CLASSES

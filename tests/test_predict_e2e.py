@@ -3,6 +3,7 @@ tile predictions against the ground-truth regions and the slide-level grade call
 
 from __future__ import annotations
 
+import csv
 import shutil
 from pathlib import Path
 
@@ -109,3 +110,14 @@ def test_tiles_match_truth_and_grades(trained: Path, tmp_path: Path) -> None:
     grade = json.loads((out / "focus_below" / "summary.json").read_text())["grade"]
     assert grade["class_tiles"].get("high_grade", 0) >= 1
     assert 0 < grade["grade_fractions"]["high_grade"] < 0.05
+
+    # Honest calls: the trained model's confident call on the held-out slide carries no
+    # uncertainty flag (the untrained model's is flagged: tests/test_report.py).
+    held = json.loads((out / "heldout" / "summary.json").read_text())["grade"]
+    print("held-out call", held["call"], "confidence", held["confidence"], held["uncertainty"])
+    assert held["uncertain"] is False, held["uncertainty"]
+    assert held["confidence"] >= 0.6
+    with (out / "slides.csv").open() as handle:
+        rows = {r["slide"]: r for r in csv.DictReader(handle)}
+    assert rows["heldout"]["uncertain"] == "False" and rows["heldout"]["uncertainty_codes"] == ""
+    assert (out / "report.html").exists()

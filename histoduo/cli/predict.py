@@ -39,8 +39,12 @@ def predict_command(
         typer.Option("--tiles", help="Predict on an existing tile store instead of slides."),
     ] = None,
     heatmap: Annotated[
-        bool, typer.Option("--heatmap", help="Also draw class, probability and grade maps.")
-    ] = False,
+        bool,
+        typer.Option(
+            "--heatmap/--no-heatmap",
+            help="Draw class, probability and grade maps (report.html shows them).",
+        ),
+    ] = True,
     mpp: Annotated[
         float | None,
         typer.Option(
@@ -115,6 +119,14 @@ def predict_command(
     min_tumour_tiles: Annotated[
         int, typer.Option("--min-tumour-tiles", help="... or below this many tumour tiles.")
     ] = 3,
+    min_confidence: Annotated[
+        float,
+        typer.Option(
+            "--min-confidence",
+            help="Calls less confident than this are flagged uncertain (with other reasons: "
+            "docs/prediction.md).",
+        ),
+    ] = 0.6,
     backend: Backend = "auto",
     slide_mpp: SlideMpp = None,
     skip_errors: SkipErrors = False,
@@ -126,14 +138,14 @@ def predict_command(
     """Predict tile classes and a slide-level ccRCC grade for every slide.
 
     Writes OUT/<slide>/ (tiles.csv, scores.npz, tiles.geojson, tissue.geojson, summary.json,
-    maps with --heatmap) and OUT/slides.csv + OUT/manifest.json. Finished slides are skipped
-    on rerun unless --overwrite. Several GPUs: run one process per GPU with
-    CUDA_VISIBLE_DEVICES=i and --shard i+1/N into the same --out.
+    maps) and OUT/slides.csv, OUT/report.html (open it in a browser) and OUT/manifest.json.
+    Finished slides are skipped on rerun unless --overwrite. Several GPUs: run one process per
+    GPU with CUDA_VISIBLE_DEVICES=i and --shard i+1/N into the same --out.
     """
     from rich.console import Console
 
     from histoduo.checkpoint import CheckpointError
-    from histoduo.grading import GradeParams
+    from histoduo.grading import GradeParams, UncertaintyParams
     from histoduo.slide import SlideError
     from histoduo.sources import collect_sources, parse_shard, select_shard
     from histoduo.store import StoreError
@@ -167,6 +179,7 @@ def predict_command(
                 min_grade_tiles=min_grade_tiles,
                 min_tumour_fraction=min_tumour_fraction,
                 min_tumour_tiles=min_tumour_tiles,
+                uncertainty=UncertaintyParams(min_confidence=min_confidence),
             ),
         )
         shard_kn = parse_shard(shard)
@@ -272,7 +285,7 @@ def heatmap_command(
         ),
     ] = None,
 ) -> None:
-    """Redraw maps from saved scores (scores.npz); no model needed."""
+    """Redraw maps from saved scores (scores.npz) and rebuild report.html; no model needed."""
     from histoduo.heatmap import HeatmapStyle, redraw
 
     try:
@@ -287,4 +300,6 @@ def heatmap_command(
         folders = redraw(results, style, out)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise fail(str(exc)) from exc
-    typer.echo(f"redrew maps for {len(folders)} slide(s)")
+    typer.echo(
+        f"redrew maps for {len(folders)} slide(s) and {(out or folders[0].parent) / 'report.html'}"
+    )

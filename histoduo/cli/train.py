@@ -55,6 +55,17 @@ def _names(text: str | None) -> list[str] | None:
     return [part.strip() for part in text.split(",") if part.strip()] if text else None
 
 
+def _display_names(items: list[str]) -> dict[str, str]:
+    """CLASS=NAME items -> {class: name}."""
+    names = {}
+    for item in items:
+        cls, sep, name = item.partition("=")
+        if not sep or not cls.strip() or not name.strip():
+            raise fail(f'--display-name must look like CLASS="Display name", got {item!r}')
+        names[cls.strip()] = name.strip()
+    return names
+
+
 @app.command("train")
 def train_command(
     store: Store,
@@ -143,6 +154,15 @@ def train_command(
             show_default=False,
         ),
     ] = None,
+    display_name: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--display-name",
+            help='Name people read for a class, CLASS="ISUP grade 3-4" (repeatable; default '
+            'from the class id: high_grade -> "High grade").',
+            show_default=False,
+        ),
+    ] = None,
     patience: Annotated[
         int | None,
         typer.Option(
@@ -175,6 +195,7 @@ def train_command(
     from histoduo.training.config import AugmentConfig
 
     console = Console(stderr=True)
+    shown_names = _display_names(display_name or [])  # before any work: a typo fails fast
     if not store.exists():
         raise fail(f"{store}: tile store not found")
     try:
@@ -202,6 +223,7 @@ def train_command(
         test_fraction=test_fraction, split_by=split_by,
         splits_csv=str(splits) if splits else None,
         slide_labels_csv=str(slide_labels) if slide_labels else None, grades=_names(grades),
+        class_display_names=shown_names,
         early_stopping_patience=patience, grad_accumulation=grad_accumulation, bf16=bf16,
         compile=compile_model, num_workers=workers, device=device, seed=seed,
     )  # fmt: skip

@@ -7,24 +7,23 @@ Modules: :mod:`~histoduo.predict.params` (PredictParams, device, tiling from the
 
 Per slide ``OUT/<slide>/`` (every file written atomically, ``done`` written last)::
 
-    tiles.csv        one row per tile: slide, x, y, width, height (level 0), mpp,
-                     prob_<class>..., pred, tissue_fraction
+    tiles.csv        one row per tile (histoduo.tables; columns in docs/prediction.md)
     scores.npz       the raw score grid: probs, coords, tile size, thumbnail, tissue mask,
                      class names and colours (enough to redraw every picture without the model)
     tiles.geojson    QuPath tiles (objectType "tile", class, probabilities as measurements)
     tissue.geojson   tissue outlines as QuPath annotations
     summary.json     the slide-level call (grading.py) and everything behind it
-    *.png            with heatmaps: see heatmap.py
+    *.png            thumbnail.png always; the maps with heatmaps (the default): heatmap.py
 
 Run level ``OUT/``: ``slides.csv`` (rebuilt from every finished slide folder, so shards and
-reruns accumulate) and ``manifest.json`` (``manifest.shard-K-of-N.json`` for a shard).
+reruns accumulate), ``report.html`` (histoduo.report, rebuilt the same way) and
+``manifest.json`` (``manifest.shard-K-of-N.json`` for a shard).
 """
 
 from histoduo.predict.engine import SlideTiles, StoreTiles, TilePredictor
 from histoduo.predict.outputs import (
     DONE_MARKER,
     ERROR_FILE,
-    SLIDES_CSV_BASE,
     SUMMARY_FILE,
     PredictReport,
     SlideOutcome,
@@ -53,7 +52,6 @@ __all__ = [
     "ERROR_FILE",
     "PRECISIONS",
     "SCORES_FILE",
-    "SLIDES_CSV_BASE",
     "SUMMARY_FILE",
     "THUMBNAIL_MAX_PX",
     "PredictParams",

@@ -37,7 +37,7 @@ class PredictParams:
     workers: int | None = None  # DataLoader workers; None: 1 on <= 2 cores, else cores - 1
     torch_threads: int | None = None  # CPU intra-op threads; None: leave torch's default
     tta: bool = False  # average over flips (identity, h, v, both)
-    heatmap: bool = False
+    heatmap: bool = True  # draw the maps (the report shows them)
     backend: str = "auto"
     tissue: TissueParams = field(default_factory=TissueParams)
     grade: GradeParams = field(default_factory=GradeParams)

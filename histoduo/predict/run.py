@@ -2,8 +2,8 @@
 
 Finished slides (``done`` marker) are skipped; a slide folder without the marker is an
 interrupted slide and is redone from scratch. Run level ``OUT/``: ``slides.csv`` (rebuilt
-from every slide folder, so shards and reruns accumulate) and ``manifest.json``
-(``manifest.shard-K-of-N.json`` for a shard).
+from every slide folder, so shards and reruns accumulate), ``report.html`` and
+``manifest.json`` (``manifest.shard-K-of-N.json`` for a shard).
 """
 
 from __future__ import annotations
@@ -102,6 +102,8 @@ class _PredictRun:
             "tissue_area_mm2": tissue_area_mm2(scores),
             "slide_mpp": scores.slide_mpp,
             "target_mpp": scores.target_mpp,
+            "model_mpp": self.meta.target_mpp,
+            "class_display_names": dict(zip(scores.class_names, scores.display_names)),
             "tile_size_px": scores.tile_size_px,
             "tile_size_level0": scores.tile_size_level0,
             "stride_level0": scores.stride_level0,
@@ -120,11 +122,14 @@ class _PredictRun:
                 n_tiles=n,
                 call=grade.call,
                 confidence=grade.confidence,
+                uncertain=grade.uncertain,
                 seconds=seconds,
                 tiles_per_s=n / t_model if t_model > 0 else None,
             )
         )
-        self.say(f"{job.name}: {n} tiles, {grade.call} ({grade.confidence:.2f}), {seconds:.1f} s")
+        flag = f" [yellow]uncertain: {grade.uncertainty_text}[/]" if grade.uncertain else ""
+        call = f"{grade.call} ({grade.confidence:.2f})"
+        self.say(f"{job.name}: {n} tiles, {call}, {seconds:.1f} s{flag}")
 
     def failed(self, job: _Job, exc: HistoduoError, status: str, seconds: float) -> None:
         self.outcomes.append(
@@ -197,6 +202,9 @@ def predict_run(
     manifest["overwrite"], manifest["skip_errors"] = overwrite, skip_errors
     name = "manifest.json" if shard is None else f"manifest.shard-{shard[0]}-of-{shard[1]}.json"
     atomic_write_text(out / name, json.dumps(manifest, indent=2, default=str))
+    from histoduo.report import write_report
+
+    write_report(out)  # after the manifest: the report names the model from it
     report = PredictReport(str(out), run.outcomes, str(out / name), str(csv_path))
     if first_error is not None:
         raise first_error

@@ -31,6 +31,13 @@ def class_colors(names: Sequence[str]) -> np.ndarray:
     return np.array([class_color(n) for n in names], dtype=np.uint8).reshape(-1, 3)
 
 
+def display_list(meta: CheckpointMeta) -> list[str]:
+    """The checkpoint's display names in class order (defaults for unnamed classes)."""
+    from histoduo.display import display_names
+
+    return list(display_names(meta.class_names, meta.class_display_names).values())
+
+
 @dataclass
 class SlidePlan:
     """Everything decided about a slide before its tiles are read (made ahead, prefetch.py)."""
@@ -97,6 +104,8 @@ def scores_from_slide(
         stride_level0=geometry.stride_level0,
         class_names=names,
         class_colors=class_colors(names),
+        class_display_names=display_list(predictor.meta),
+        grade_classes=list(predictor.meta.roles.grades),
         thumbnail=thumbnail,
         thumbnail_downsample=float(thumb_ds),
         tissue_mask=mask.mask,
@@ -128,6 +137,8 @@ def scores_from_store(
         stride_level0=record.stride_level0,
         class_names=names,
         class_colors=class_colors(names),
+        class_display_names=display_list(predictor.meta),
+        grade_classes=list(predictor.meta.roles.grades),
         thumbnail=thumbnail,
         thumbnail_downsample=thumb_ds,
         tissue_mask=mask,
@@ -141,8 +152,11 @@ def scores_from_store(
 
 
 def grade_scores(scores: SlideScores, meta: CheckpointMeta, params: GradeParams) -> SlideGrade:
+    """The slide call (grading.py) with its uncertainty flag."""
+    from histoduo.grading import Resolution, assess_uncertainty
+
     per_area = (scores.tile_size_level0 / max(scores.stride_level0, 1)) ** 2
-    return grade_slide(
+    grade = grade_slide(
         scores.probs,
         scores.class_names,
         meta.roles,
@@ -150,6 +164,8 @@ def grade_scores(scores: SlideScores, meta: CheckpointMeta, params: GradeParams)
         weights=scores.tissue_fraction,
         tiles_per_area=per_area,
     )
+    resolution = Resolution(scores.slide_mpp, scores.target_mpp, meta.target_mpp)
+    return assess_uncertainty(grade, params.uncertainty, resolution)
 
 
 def tissue_area_mm2(scores: SlideScores) -> float:

@@ -46,6 +46,8 @@ class TrainConfig:
     splits_csv: str | None = None  # a given split: columns slide,split
     slide_labels_csv: str | None = None  # slide,label: every tile of the slide gets the label
     grades: list[str] | None = None  # tumour grade classes low -> high (default: from names)
+    # {class id: name people read, e.g. "ISUP grade 3-4"} into the checkpoint; others derived
+    class_display_names: dict[str, str] = field(default_factory=dict)
     early_stopping_patience: int | None = None  # epochs without val improvement
     grad_accumulation: int = 1
     bf16: str = "auto"  # auto: bf16 autocast on GPU only; "on" / "off"

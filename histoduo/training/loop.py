@@ -81,6 +81,7 @@ def _meta(
         train_config=config.to_dict(),
         metrics=metrics,
         epoch=epoch,
+        class_display_names=dict(config.class_display_names),
     )
 
 

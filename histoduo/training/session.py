@@ -190,6 +190,9 @@ def _data(
     _check_store_geometry(store)
     require_pixels(store)  # a --dry-run store would fail at the first batch
     table = tile_table(store, config.slide_labels_csv, config.split_by)
+    unnamed = sorted(set(config.class_display_names) - set(table.class_names))
+    if unnamed:
+        raise LabelError(f"display names for unknown classes {unnamed}: {table.class_names}")
     split_of = (
         read_splits(config.splits_csv, table)
         if config.splits_csv
