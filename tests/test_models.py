@@ -6,6 +6,8 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+from pathlib import Path
+
 import pytest
 import torch
 from model_configs import tiny
@@ -257,15 +259,35 @@ def test_load_torchvision_layout_pth_with_wrapper(tmp_path) -> None:
     state = _torchvision_resnet18_state()
     path = tmp_path / "swav_r18.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, path)
-    # A .pth is a pickle: refused unless trusted, then read with the tensors-only loader.
-    with pytest.raises(WeightsError, match=r"swav_r18\.pth.*pickle.*--trust-checkpoint"):
-        build_model(tiny(backbone_weights=str(path)))
-    model = build_model(tiny(backbone_weights=str(path), freeze_backbone=True), trust_weights=True)
+    # A plain state dict loads through torch's tensors-only loader, without --trust-checkpoint.
+    model = build_model(tiny(backbone_weights=str(path), freeze_backbone=True))
     _assert_backbone_equals(model, state)
-    report = load_backbone_file(build_model(tiny()).backbone, path, trust=True)
+    report = load_backbone_file(build_model(tiny()).backbone, path)
     assert report.prefix_stripped == "module."
     assert sorted(report.ignored_head) == ["module.fc.bias", "module.fc.weight"]
     assert not report.missing and not report.unexpected
+
+
+class _Payload:
+    """Unpickling this runs ``touch <marker>``: what a hostile weights file would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_weights_pickle_with_code_needs_trust_and_never_runs(tmp_path) -> None:
+    state = _torchvision_resnet18_state()
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "hostile.pth"
+    torch.save({"state_dict": state, "extra": _Payload(marker)}, path)
+    with pytest.raises(WeightsError, match=r"hostile\.pth.*pickle.*--trust-checkpoint"):
+        build_model(tiny(backbone_weights=str(path)))
+    assert not marker.exists(), "the tensors-only loader ran the pickle's code"
 
 
 def test_load_timm_layout_safetensors(tmp_path) -> None:

@@ -15,7 +15,7 @@ BackboneWeights = Annotated[
     typer.Option(
         "--backbone-weights",
         help="none, timm (needs the model hub) or a local .safetensors/.pth file in timm or "
-        "torchvision key layout (a .pth is a pickle: it needs --trust-checkpoint).",
+        "torchvision key layout (a .pth is read with torch's tensors-only loader).",
         show_default=False,
     ),
 ]

@@ -85,8 +85,10 @@ def offline_hint(backbone_name: str, err: Exception) -> WeightsError:
 def read_state_dict(path: str | Path, *, trust: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` or torch file, unwrapped from ``state_dict``/``model``.
 
-    A torch file is a pickle, and unpickling can run code: it is read only with ``trust``
-    (``--trust-checkpoint``), and then still with torch's tensors-only loader first.
+    A torch file is a pickle. torch's tensors-only loader (``weights_only=True``) refuses any
+    object it does not know instead of running it, so plain state dicts (torchvision's and
+    timm's ``.pth`` files) load as they are; a file that needs the full unpickler, which can
+    run code, is read only with ``trust`` (``--trust-checkpoint``).
     """
     from histoduo.checkpoint import sniff_format, untrusted_pickle_error, warn_trusted_pickle
 
@@ -103,12 +105,15 @@ def read_state_dict(path: str | Path, *, trust: bool = False) -> dict[str, torch
             raise WeightsError(f"cannot read {path} as a safetensors file: {err}") from err
     if kind == "unknown":
         raise WeightsError(f"{path} is neither a safetensors nor a torch weights file")
-    if not trust:
-        raise WeightsError(str(untrusted_pickle_error(path, "weights file")))
-    warn_trusted_pickle(path)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # objects beyond tensors: the user vouched for the file
+    except Exception as safe_err:  # objects beyond tensors and plain containers, or corrupt
+        if not trust:
+            raise WeightsError(
+                f"{untrusted_pickle_error(path, 'weights file')} (the tensors-only loader "
+                f"said: {str(safe_err).splitlines()[0][:200]})"
+            ) from None
+        warn_trusted_pickle(path)
         try:
             data = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:  # corrupt file, not a torch file
