@@ -1,20 +1,25 @@
-"""The HDF5 tile store: many slides in one file, one group per slide.
+"""The HDF5 tile store, format 2: one file per slide, and an index that users pass around.
 
 Layout (the public interface, documented exactly in docs/tile-store.md)::
 
-    /                      attrs: format, format_version, histoduo_version, class_names
-    /slides/<slide>/       attrs: name, source_path, complete (written last), params, ...
-        coords             int64 (N, 2) level-0 (x, y) top-left; CLAM + TRIDENT attrs
-        tissue_fraction    float32 (N,)
-        jpeg               vlen uint8 (N,): one JPEG per tile      (tile_encoding = "jpeg")
-        imgs               uint8 (N, H, W, 3), one tile per chunk   (tile_encoding = "raw")
-        labels             int16 (N,), -1 = unlabelled              (optional)
-        thumbnail          uint8 (h, w, 3) with attr downsample
-        tissue_mask        uint8 (h, w) with attr downsample
+    tiles.h5                       the index: attrs format, format_version = 2, class_names;
+                                   /slides/<slide> = external link to the slide file's root
+    tiles.h5.d/clam/patches/<slide>.h5
+                                   one slide (CLAM's layout): attrs name, complete, params, ...
+        coords                     int64 (N, 2) level-0 (x, y) top-left; CLAM attrs
+        tissue_fraction            float32 (N,)
+        jpeg | imgs                one JPEG per tile (vlen uint8) | uint8 (N, H, W, 3)
+        labels                     int16 (N,), -1 = unlabelled (optional)
+        thumbnail, tissue_mask     overview and mask, attr downsample
+    tiles.h5.d/trident/patches/<slide>_patches.h5
+                                   coords only, with TRIDENT's attrs
 
-Writers never modify a store in place: each slide is written to its own part file which is
-renamed into place when complete, and stores are assembled into a temporary file that replaces
-the old one atomically. A killed run therefore leaves the previous store intact.
+Format 1 (one file, a group per slide) still reads; ``upgrade_store`` rewrites it.
+
+Writers never modify a file in place: a slide file is written under a temporary name and
+renamed when complete, and the index is rewritten whole and renamed. A killed run therefore
+leaves every finished slide and the previous index intact, and a rerun touches only the
+slides it adds plus the index.
 """
 
 from __future__ import annotations
@@ -31,12 +36,13 @@ import numpy as np
 
 from histoduo import __version__
 from histoduo.run.errors import HistoduoError
-from histoduo.run.files import commit_path
+from histoduo.run.files import atomic_path, commit_path, temporary_path
 from histoduo.slide import mpp_to_magnification
 from histoduo.tileio import decode_jpeg, encode_jpeg  # noqa: F401 - encode_jpeg re-exported
 
 FORMAT_NAME = "histoduo-tilestore"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SLIDE_FILE_FORMAT = "histoduo-slide"  # the root of a per-slide file
 SLIDES_GROUP = "slides"
 UNLABELLED = -1
 
@@ -93,12 +99,28 @@ class SlideRecord:
     complete: bool = False
     patient: str | None = None
     histoduo_version: str = __version__
-    # Where the pixels were read (CLAM's patch_level / downsample / level_dim).
+    # Where the pixels were read (CLAM's patch_level / downsample / level_dim / patch_size).
     read_level: int = 0
     read_level_downsample: float = 1.0
     read_level_width: int | None = None  # None: level 0's
     read_level_height: int | None = None
     level0_magnification: float | None = None  # None: from slide_mpp
+    read_size_px: int | None = None  # side of the square read at read_level; None: derived
+
+    @property
+    def read_side_px(self) -> int:
+        """Side of the square region read at ``read_level`` (then resized to the tile)."""
+        if self.read_size_px is not None:
+            return self.read_size_px
+        return max(1, round(self.tile_size_level0 / self.read_level_downsample))
+
+    @property
+    def read_level_dim(self) -> tuple[int, int]:
+        width = self.read_level_width if self.read_level_width is not None else self.level0_width
+        height = (
+            self.read_level_height if self.read_level_height is not None else self.level0_height
+        )
+        return width, height
 
     def to_attrs(self) -> dict[str, Any]:
         """The slide group's HDF5 attributes."""
@@ -128,33 +150,48 @@ class SlideRecord:
         }
         if self.patient is not None:
             attrs["patient"] = self.patient  # read by split_by="patient"
+        # Format 2: the read geometry lives on the root too, so the record is self-contained.
+        attrs["read_level"] = self.read_level
+        attrs["read_level_downsample"] = self.read_level_downsample
+        attrs["read_size_px"] = self.read_side_px
+        attrs["read_level_width"], attrs["read_level_height"] = self.read_level_dim
+        attrs["level0_magnification"] = self._level0_magnification()
         return attrs
 
-    def coords_attrs(self) -> dict[str, Any]:
-        """TRIDENT and CLAM attributes of the ``coords`` dataset."""
-        level_w = self.read_level_width if self.read_level_width is not None else self.level0_width
-        level_h = (
-            self.read_level_height if self.read_level_height is not None else self.level0_height
-        )
-        level_dim = np.array([level_w, level_h], dtype=np.int64)
+    def _level0_magnification(self) -> float:
+        return float(self.level0_magnification or mpp_to_magnification(self.slide_mpp))
+
+    def clam_attrs(self) -> dict[str, Any]:
+        """``coords`` attributes with CLAM's meaning: read ``(patch_size, patch_size)`` at
+        ``patch_level`` from each coordinate, then resize to the stored tile size."""
+        level_dim = np.array(self.read_level_dim, dtype=np.int64)
         return {
-            # TRIDENT
+            "patch_size": self.read_side_px,
+            "patch_level": self.read_level,
+            "downsample": np.array([self.read_level_downsample] * 2, dtype=np.float64),
+            "downsampled_level_dim": level_dim,
+            "level_dim": level_dim.copy(),
+            "name": self.name,
+        }
+
+    def trident_attrs(self) -> dict[str, Any]:
+        """``coords`` attributes with TRIDENT's meaning: ``patch_size`` px at the target,
+        covering ``patch_size_level0`` level-0 px."""
+        return {
             "patch_size": self.tile_size_px,
             "patch_size_level0": self.tile_size_level0,
-            "level0_magnification": float(
-                self.level0_magnification or mpp_to_magnification(self.slide_mpp)
-            ),
+            "level0_magnification": self._level0_magnification(),
             "target_magnification": mpp_to_magnification(self.target_mpp),
             "overlap": max(0, self.tile_size_px - self.stride_px),
             "name": self.name,
             "level0_width": self.level0_width,
             "level0_height": self.level0_height,
-            # CLAM (patch_level/downsample: the pyramid level the tiles were read from)
-            "patch_level": self.read_level,
-            "downsample": np.array([self.read_level_downsample] * 2, dtype=np.float64),
-            "downsampled_level_dim": level_dim,
-            "level_dim": level_dim.copy(),
         }
+
+    def coords_attrs(self) -> dict[str, Any]:
+        """Attributes of the slide file's ``coords`` dataset (CLAM's; TRIDENT's live in the
+        TRIDENT file, because the two tools' ``patch_size`` mean different things)."""
+        return self.clam_attrs()
 
     @classmethod
     def from_attrs(
@@ -170,6 +207,9 @@ class SlideRecord:
 
         area = a.get("tissue_area_mm2")
         level_dim = c.get("level_dim")
+        if "read_level_width" in a:  # format 2: the root holds the read geometry
+            level_dim = [a["read_level_width"], a["read_level_height"]]
+        magnification = a.get("level0_magnification", c.get("level0_magnification"))
         return cls(
             name=str(a["name"]),
             source_path=str(a.get("source_path", "")),
@@ -192,13 +232,14 @@ class SlideRecord:
             complete=bool(a.get("complete", False)),
             patient=str(a["patient"]) if a.get("patient") is not None else None,
             histoduo_version=str(a.get("histoduo_version", "")),
-            read_level=int(c.get("patch_level", 0)),
-            read_level_downsample=float(np.ravel(c.get("downsample", [1.0]))[0]),
+            read_level=int(a.get("read_level", c.get("patch_level", 0))),
+            read_level_downsample=float(
+                a.get("read_level_downsample", np.ravel(c.get("downsample", [1.0]))[0])
+            ),
             read_level_width=int(level_dim[0]) if level_dim is not None else None,
             read_level_height=int(level_dim[1]) if level_dim is not None else None,
-            level0_magnification=(
-                float(c["level0_magnification"]) if "level0_magnification" in c else None
-            ),
+            level0_magnification=float(magnification) if magnification is not None else None,
+            read_size_px=int(a["read_size_px"]) if "read_size_px" in a else None,
         )
 
 
@@ -242,10 +283,146 @@ class SlideGroupData:
         )
 
 
-class SlidePartWriter:
-    """Writes one slide into its own HDF5 part file; ``commit`` marks it complete and renames.
+# --- layout of a format-2 store ------------------------------------------------------------
 
-    Tiles are appended in order, in batches, by the one process that owns the file.
+
+def store_folder(index_path: str | Path) -> Path:
+    """The folder beside the index that holds the per-slide files: ``tiles.h5.d``."""
+    index_path = Path(index_path)
+    return index_path.with_name(index_path.name + ".d")
+
+
+def clam_dir(index_path: str | Path) -> Path:
+    """What CLAM's ``--data_h5_dir`` points at (it reads ``<dir>/patches/<slide>.h5``)."""
+    return store_folder(index_path) / "clam"
+
+
+def trident_dir(index_path: str | Path) -> Path:
+    """What TRIDENT's coordinates folder points at (``<dir>/patches/<slide>_patches.h5``)."""
+    return store_folder(index_path) / "trident"
+
+
+def slide_file_path(index_path: str | Path, name: str) -> Path:
+    return clam_dir(index_path) / "patches" / f"{group_key(name)}.h5"
+
+
+def trident_file_path(index_path: str | Path, name: str) -> Path:
+    return trident_dir(index_path) / "patches" / f"{group_key(name)}_patches.h5"
+
+
+def _write_header(
+    f: h5py.File, class_names: Sequence[str] | None = None, *, kind: str = FORMAT_NAME
+) -> None:
+    f.attrs["format"] = kind
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["histoduo_version"] = __version__
+    if class_names is not None:
+        f.attrs["class_names"] = _json_attr(list(class_names))
+
+
+def _check_header(f: h5py.File, path: Path, kind: str = FORMAT_NAME) -> int:
+    """The file's format version; raises unless it is a ``kind`` file this version reads."""
+    if f.attrs.get("format") != kind:
+        what = "tile store" if kind == FORMAT_NAME else "histoduo slide file"
+        raise StoreError(path, f"not a {what} (no 'format' attribute {kind!r})")
+    version = int(f.attrs.get("format_version", -1))
+    if version > FORMAT_VERSION:
+        raise StoreError(
+            path,
+            f"store format version {version} is newer than this histoduo reads "
+            f"({FORMAT_VERSION}); upgrade histoduo",
+        )
+    return version
+
+
+def store_version(path: str | Path) -> int | None:
+    """1 or 2 for a tile store (index), None for anything else (missing, not HDF5, ...)."""
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT_NAME:
+                return None
+            return int(f.attrs.get("format_version", -1))
+    except OSError:
+        return None
+
+
+def upgrade_hint(path: str | Path) -> str:
+    return (
+        f"it is a format-1 tile store; run `histoduo upgrade-store {path}` once to rewrite it "
+        f"as format 2 (per-slide files CLAM and TRIDENT read), or pass --overwrite"
+    )
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One slide of an index: its name, the file holding it and the object path in there."""
+
+    name: str
+    file: Path  # absolute, resolved from the index's own folder
+    h5_path: str = "/"  # "/" for a slide file; "/slides/<key>" for a group of a format-1 file
+
+
+def read_index(index_path: str | Path) -> tuple[dict[str, IndexEntry], list[str]]:
+    """(entries by slide name, class names) of a format-2 index.
+
+    Link targets are relative to the index's folder (so the store moves as a whole) and are
+    resolved here, not by HDF5, so the current directory never matters.
+    """
+    index_path = Path(index_path)
+    with h5py.File(index_path, "r") as f:
+        _check_header(f, index_path)
+        names = json.loads(f.attrs.get("slide_names", "{}"))
+        raw = f.attrs.get("class_names")
+        class_names = json.loads(raw) if raw else []
+        entries: dict[str, IndexEntry] = {}
+        group = f.get(SLIDES_GROUP)
+        keys = list(group.keys()) if group is not None else []
+        for key in keys:
+            link = group.get(key, getlink=True)
+            if not isinstance(link, h5py.ExternalLink):
+                raise StoreError(index_path, f"slide {key!r} is not an external link")
+            target = Path(link.filename)
+            if not target.is_absolute():
+                target = index_path.parent / target
+            name = str(names.get(key, key))
+            entries[name] = IndexEntry(name, Path(os.path.normpath(target)), link.path)
+    return entries, class_names
+
+
+def write_index(
+    index_path: str | Path,
+    entries: Iterable[IndexEntry],
+    class_names: Sequence[str] | None = None,
+) -> Path:
+    """Write the index atomically (tmp + rename): readers see the old one or the new one."""
+    index_path = Path(index_path)
+    folder = index_path.resolve().parent
+    with atomic_path(index_path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            _write_header(f, class_names)
+            group = f.create_group(SLIDES_GROUP)
+            names: dict[str, str] = {}
+            for entry in sorted(entries, key=lambda e: e.name):
+                key = group_key(entry.name)
+                if key in names:
+                    raise StoreError(index_path, f"slide {entry.name!r} listed twice")
+                names[key] = entry.name
+                rel = os.path.relpath(Path(entry.file).resolve(), folder)
+                group[key] = h5py.ExternalLink(rel, entry.h5_path)
+            f.attrs["slide_names"] = _json_attr(names)
+    return index_path
+
+
+# --- writing one slide file -----------------------------------------------------------------
+
+
+class SlidePartWriter:
+    """Writes one slide file (CLAM's layout: datasets at the root) under a temporary name;
+    ``commit`` marks it complete, syncs it and renames it to ``final_path``.
+
+    Tiles are appended in order, in batches, by the one process that owns the file. Until
+    the rename nothing is at ``final_path``, so a kill never leaves a half-written slide
+    where a reader (histoduo, CLAM, TRIDENT) would look.
     """
 
     def __init__(
@@ -255,45 +432,44 @@ class SlidePartWriter:
         encoding: str | None,
         tile_size_px: int,
     ) -> None:
-        self.final_path = final_path
-        self.tmp_path = final_path.with_name(final_path.name + ".tmp")
+        self.final_path = Path(final_path)
+        self.tmp_path = temporary_path(self.final_path)
         self.encoding = encoding
         self._count = 0
         self._n = len(data.coords)
-        final_path.parent.mkdir(parents=True, exist_ok=True)
+        self.final_path.parent.mkdir(parents=True, exist_ok=True)
         self._file = h5py.File(self.tmp_path, "w")
-        _write_store_header(self._file)
-        group = self._file.create_group(f"{SLIDES_GROUP}/{group_key(data.name)}")
-        self._group = group
+        root = self._file
+        _write_header(root, kind=SLIDE_FILE_FORMAT)
         for key, value in data.attrs.items():
-            group.attrs[key] = value
-        group.attrs["name"] = data.name
-        group.attrs["source_path"] = data.source_path
-        group.attrs["n_tiles"] = self._n
-        group.attrs["tile_encoding"] = encoding or "none"
-        group.attrs["complete"] = False
-        coords = group.create_dataset("coords", data=np.asarray(data.coords, dtype=np.int64))
+            root.attrs[key] = value
+        root.attrs["name"] = data.name
+        root.attrs["source_path"] = data.source_path
+        root.attrs["n_tiles"] = self._n
+        root.attrs["tile_encoding"] = encoding or "none"
+        root.attrs["complete"] = False
+        coords = root.create_dataset("coords", data=np.asarray(data.coords, dtype=np.int64))
         for key, value in data.coords_attrs.items():
             coords.attrs[key] = value
-        group.create_dataset(
+        root.create_dataset(
             "tissue_fraction", data=np.asarray(data.tissue_fraction, dtype=np.float32)
         )
         if data.labels is not None:
-            group.create_dataset("labels", data=np.asarray(data.labels, dtype=np.int16))
-        thumb = group.create_dataset("thumbnail", data=data.thumbnail, compression="gzip")
+            root.create_dataset("labels", data=np.asarray(data.labels, dtype=np.int16))
+        thumb = root.create_dataset("thumbnail", data=data.thumbnail, compression="gzip")
         thumb.attrs["downsample"] = data.mask_downsample
-        mask = group.create_dataset(
+        mask = root.create_dataset(
             "tissue_mask", data=data.tissue_mask.astype(np.uint8), compression="gzip"
         )
         mask.attrs["downsample"] = data.mask_downsample
         self._pixels = None
         if encoding == "jpeg":
-            self._pixels = group.create_dataset(
+            self._pixels = root.create_dataset(
                 "jpeg", shape=(self._n,), dtype=h5py.vlen_dtype(np.uint8)
             )
         elif encoding == "raw":
             shape = (self._n, tile_size_px, tile_size_px, 3)
-            self._pixels = group.create_dataset(
+            self._pixels = root.create_dataset(
                 "imgs",
                 shape=shape,
                 dtype=np.uint8,
@@ -325,7 +501,7 @@ class SlidePartWriter:
     def commit(self) -> Path:
         if self._pixels is not None and self._count != self._n:
             raise RuntimeError(f"{self.final_path}: wrote {self._count} of {self._n} tiles")
-        self._group.attrs["complete"] = True  # last: readers trust nothing without it
+        self._file.attrs["complete"] = True  # last: readers trust nothing without it
         self._file.flush()
         self._file.close()
         return commit_path(self.tmp_path, self.final_path)
@@ -337,49 +513,152 @@ class SlidePartWriter:
             self.tmp_path.unlink(missing_ok=True)
 
 
-def _write_store_header(f: h5py.File, class_names: Sequence[str] | None = None) -> None:
-    f.attrs["format"] = FORMAT_NAME
-    f.attrs["format_version"] = FORMAT_VERSION
-    f.attrs["histoduo_version"] = __version__
-    if class_names is not None:
-        f.attrs["class_names"] = _json_attr(list(class_names))
+def read_slide_record(path: str | Path) -> SlideRecord | None:
+    """The record of a complete slide file, or None (missing, truncated, incomplete)."""
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != SLIDE_FILE_FORMAT or not bool(
+                f.attrs.get("complete", False)
+            ):
+                return None
+            return SlideRecord.from_attrs(dict(f.attrs), dict(f["coords"].attrs))
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
 
 
-def _check_header(f: h5py.File, path: Path) -> None:
-    if f.attrs.get("format") != FORMAT_NAME:
-        raise StoreError(path, "not a histoduo tile store (no 'format' attribute)")
-    version = int(f.attrs.get("format_version", -1))
-    if version > FORMAT_VERSION:
-        raise StoreError(
-            path,
-            f"store format version {version} is newer than this histoduo reads "
-            f"({FORMAT_VERSION}); upgrade histoduo",
-        )
+def write_trident_coords(out_path: str | Path, coords: np.ndarray, record: SlideRecord) -> Path:
+    """A TRIDENT coordinates file: ``coords`` with TRIDENT's attributes, atomically."""
+    with atomic_path(out_path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            ds = f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
+            for key, value in record.trident_attrs().items():
+                ds.attrs[key] = value
+    return Path(out_path)
+
+
+def write_trident_file(slide_file: str | Path, out_path: str | Path) -> Path:
+    """The TRIDENT coordinates file of a slide file."""
+    with h5py.File(slide_file, "r") as src:
+        record = SlideRecord.from_attrs(dict(src.attrs), dict(src["coords"].attrs))
+        coords = src["coords"][()]
+    return write_trident_coords(out_path, coords, record)
+
+
+def install_slide_file(index_path: Path, src: Path, name: str, *, how: str = "move") -> IndexEntry:
+    """Put a complete slide file into a store's folder (``move``, ``link``: a hard link,
+    copying only across file systems, or ``copy``) and write its TRIDENT file.
+
+    The destination is replaced by a rename, so hard-linked copies in other stores never
+    change under their readers.
+    """
+    dest = slide_file_path(index_path, name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    same = dest.exists() and src.exists() and os.path.samefile(src, dest)
+    if not same:
+        if how == "move":
+            try:
+                os.replace(src, dest)
+            except OSError:  # another file system
+                _copy_in(src, dest)
+                src.unlink()
+        else:
+            tmp = temporary_path(dest)
+            try:
+                if how == "link":
+                    os.link(src, tmp)
+                else:
+                    raise OSError("copy requested")
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                _copy_in(src, dest)
+            else:
+                os.replace(tmp, dest)
+    write_trident_file(dest, trident_file_path(index_path, name))
+    return IndexEntry(name, dest.resolve())
+
+
+def _copy_in(src: Path, dest: Path) -> None:
+    import shutil
+
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def convert_v1_slide(v1_path: Path, name: str, dest: Path) -> Path:
+    """A format-1 store's slide group as a format-2 slide file at ``dest`` (atomically).
+
+    The CLAM attributes are derived from what format 1 recorded: it read
+    ``round(tile_size_level0 / downsample)`` px at ``patch_level``.
+    """
+    key = group_key(name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(v1_path, "r") as src, atomic_path(dest) as tmp:
+        group = src[f"{SLIDES_GROUP}/{key}"]
+        record = SlideRecord.from_attrs(dict(group.attrs), dict(group["coords"].attrs))
+        with h5py.File(tmp, "w") as dst:
+            _write_header(dst, kind=SLIDE_FILE_FORMAT)
+            for ds_name in group:
+                src.copy(group[ds_name], dst, name=ds_name)
+            for attr in list(dst["coords"].attrs):
+                del dst["coords"].attrs[attr]
+            for attr, value in record.coords_attrs().items():
+                dst["coords"].attrs[attr] = value
+            for attr, value in group.attrs.items():
+                dst.attrs[attr] = value
+            for attr, value in record.to_attrs().items():
+                dst.attrs[attr] = value
+            dst.attrs["complete"] = True
+    return dest
+
+
+def _v1_complete(path: Path) -> dict[str, SlideRecord]:
+    with h5py.File(path, "r") as f:
+        records = {}
+        for group in f.get(SLIDES_GROUP, {}).values():
+            if not bool(group.attrs.get("complete", False)):
+                continue
+            try:
+                record = SlideRecord.from_attrs(dict(group.attrs), dict(group["coords"].attrs))
+            except (KeyError, TypeError, ValueError):
+                continue  # a group this version cannot read is redone
+            records[record.name] = record
+        return records
 
 
 def complete_slides(path: Path) -> dict[str, SlideRecord]:
-    """Names and records of the complete slides in a store or part file ({} if unreadable).
+    """Names and records of the complete slides of a store (either format) or slide file.
 
-    Used for resume: an unreadable or truncated file counts as holding nothing.
+    Used for resume: an unreadable or truncated file counts as holding nothing, and so does
+    a listed slide whose file is missing or incomplete.
     """
+    path = Path(path)
     try:
         with h5py.File(path, "r") as f:
-            _check_header(f, path)
-            slides = f.get(SLIDES_GROUP)
-            if slides is None:
-                return {}
-            records = {}
-            for group in slides.values():
-                if not bool(group.attrs.get("complete", False)):
-                    continue
-                try:
-                    record = SlideRecord.from_attrs(dict(group.attrs), dict(group["coords"].attrs))
-                except (KeyError, TypeError, ValueError):
-                    continue  # a group this version cannot read is redone
-                records[record.name] = record
-            return records
+            kind = f.attrs.get("format")
+            version = int(f.attrs.get("format_version", -1))
+    except OSError:
+        return {}
+    try:
+        if kind == SLIDE_FILE_FORMAT:
+            record = read_slide_record(path)
+            return {record.name: record} if record is not None else {}
+        if kind != FORMAT_NAME or version > FORMAT_VERSION:
+            return {}
+        if version < 2:
+            return _v1_complete(path)
+        entries, _ = read_index(path)
     except (OSError, StoreError, KeyError):
         return {}
+    records = {}
+    for name, entry in entries.items():
+        record = (
+            read_slide_record(entry.file)
+            if entry.h5_path == "/"
+            else _v1_complete(entry.file).get(name)
+        )
+        if record is not None:
+            records[name] = record
+    return records
 
 
 def store_class_names(path: Path) -> list[str] | None:
@@ -398,6 +677,44 @@ def is_store(path: Path) -> bool:
         return False
 
 
+def remove_unlisted(index_path: Path, keep: Iterable[IndexEntry]) -> int:
+    """Delete slide and TRIDENT files in the store's folder that the index does not list
+    (slides an --overwrite dropped, temporary files of a killed run); returns the count."""
+    kept = {group_key(e.name) for e in keep}
+    removed = 0
+    for folder, suffix in (
+        (clam_dir(index_path) / "patches", ".h5"),
+        (trident_dir(index_path) / "patches", "_patches.h5"),
+    ):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            name = path.name
+            temporary = name.startswith(".") and name.endswith(".tmp")
+            unlisted = name.endswith(suffix) and name[: -len(suffix)] not in kept
+            if temporary or unlisted:
+                path.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def orphan_slides(index_path: Path, listed: Iterable[str]) -> dict[str, SlideRecord]:
+    """Complete slide files in the store's folder that the index does not list yet (a run
+    killed after a slide's rename and before the next index write): they are kept."""
+    folder = clam_dir(index_path) / "patches"
+    if not folder.is_dir():
+        return {}
+    listed_keys = {group_key(n) for n in listed}
+    found = {}
+    for path in sorted(folder.glob("*.h5")):
+        if path.stem in listed_keys:
+            continue
+        record = read_slide_record(path)
+        if record is not None and group_key(record.name) == path.stem:
+            found[record.name] = record
+    return found
+
+
 def assemble_store(
     out_path: Path,
     sources: Iterable[tuple[Path, str]],
@@ -405,34 +722,43 @@ def assemble_store(
     link: bool = False,
     class_names: Sequence[str] | None = None,
 ) -> Path:
-    """Write a store holding the given (file, slide name) groups, atomically.
+    """Make ``out_path`` a store holding exactly the given (slide file, slide name) pairs.
 
-    ``link=True`` makes HDF5 external links to the source files instead of copying pixels;
-    the sources must then stay where they are (paths are stored relative to the store).
+    The files are moved into the store's folder (``link=True``: hard-linked, so the sources
+    stay valid), the index is written atomically, then files of slides no longer listed are
+    removed. A killed call leaves the previous index valid.
     """
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path = Path(out_path)
+    entries: list[IndexEntry] = []
     seen: set[str] = set()
-    try:
-        with h5py.File(tmp, "w") as dst:
-            _write_store_header(dst, class_names)
-            slides = dst.create_group(SLIDES_GROUP)
-            for src_path, name in sources:
-                key = group_key(name)
-                if key in seen:
-                    raise StoreError(src_path, f"slide {name!r} appears in more than one input")
-                seen.add(key)
-                if link:
-                    rel = os.path.relpath(src_path.resolve(), out_path.resolve().parent)
-                    slides[key] = h5py.ExternalLink(rel, f"/{SLIDES_GROUP}/{key}")
-                    continue
-                with h5py.File(src_path, "r") as src:
-                    src.copy(src[f"{SLIDES_GROUP}/{key}"], slides, name=key)
-        commit_path(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    for src, name in sources:
+        key = group_key(name)
+        if key in seen:
+            raise StoreError(src, f"slide {name!r} appears in more than one input")
+        seen.add(key)
+        entries.append(
+            install_slide_file(out_path, Path(src), name, how="link" if link else "move")
+        )
+    write_index(out_path, entries, class_names)
+    remove_unlisted(out_path, entries)
     return out_path
+
+
+def _store_entries(path: Path) -> tuple[dict[str, IndexEntry], list[str], int]:
+    version = store_version(path)
+    if version is None:
+        if not path.exists():
+            raise StoreError(path, "tile store not found")
+        raise StoreError(path, "not a histoduo tile store")
+    if version < 2:
+        entries = {
+            name: IndexEntry(name, path.resolve(), f"/{SLIDES_GROUP}/{group_key(name)}")
+            for name in _v1_complete(path)
+        }
+        class_names = store_class_names(path) or []
+        return entries, class_names, version
+    entries, class_names = read_index(path)
+    return entries, class_names, version
 
 
 def merge_stores(
@@ -440,69 +766,148 @@ def merge_stores(
 ) -> list[str]:
     """Combine complete slides of several stores into one; returns the slide names.
 
-    Slide names must be unique across inputs. Class vocabularies must agree.
+    Slide files are hard-linked into the output's folder (copied only across file systems),
+    so merging costs O(slides added), not O(store). ``out_path`` may be one of the inputs:
+    the other inputs' slides are then added to it in place. ``link=True`` lists the input
+    files in the index instead (the inputs must then stay where they are relative to it).
+    Format-1 inputs are converted slide by slide. Names must be unique; vocabularies agree.
     """
-    if out_path.exists() and not overwrite:
+    out_path = Path(out_path)
+    inputs = [Path(p) for p in inputs]
+    into = [p for p in inputs if p.exists() and out_path.exists() and os.path.samefile(p, out_path)]
+    if out_path.exists() and not overwrite and not into:
         raise StoreError(out_path, "output exists; pass --overwrite to replace it")
-    sources: list[tuple[Path, str]] = []
+    if into and store_version(out_path) == 1:
+        raise StoreError(out_path, upgrade_hint(out_path))
+    entries: dict[str, IndexEntry] = {}
     class_names: list[str] | None = None
+    plan: list[tuple[Path, IndexEntry, int]] = []
     for path in inputs:
-        with TileStore(path) as store:
-            names = store.slides
-            if store.class_names:
-                if class_names is not None and class_names != store.class_names:
-                    raise StoreError(
-                        path, f"class names {store.class_names} differ from {class_names}"
-                    )
-                class_names = store.class_names
-        sources.extend((path, name) for name in names)
-    assemble_store(out_path, sources, link=link, class_names=class_names)
-    return [name for _, name in sources]
+        found, names, version = _store_entries(path)
+        if names:
+            if class_names is not None and class_names != names:
+                raise StoreError(path, f"class names {names} differ from {class_names}")
+            class_names = names
+        for name, entry in found.items():
+            if name in entries or any(e.name == name for _, e, _ in plan):
+                raise StoreError(path, f"slide {name!r} appears in more than one input")
+            if into and path == into[0]:
+                entries[name] = entry
+            else:
+                plan.append((path, entry, version))
+    for path, entry, version in plan:
+        if link:
+            entries[entry.name] = entry
+        elif version < 2:
+            dest = convert_v1_slide(path, entry.name, slide_file_path(out_path, entry.name))
+            entries[entry.name] = install_slide_file(out_path, dest, entry.name)
+        else:
+            entries[entry.name] = install_slide_file(out_path, entry.file, entry.name, how="link")
+    write_index(out_path, entries.values(), class_names)
+    if not into:
+        remove_unlisted(out_path, [e for e in entries.values() if _inside(out_path, e.file)])
+    return sorted(entries)
+
+
+def _inside(index_path: Path, file: Path) -> bool:
+    try:
+        Path(file).resolve().relative_to(store_folder(index_path).resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def upgrade_store(path: str | Path) -> list[str]:
+    """Rewrite a format-1 store as format 2 at the same path; returns the slide names.
+
+    Slide files are written first, the index replaces the old file last (atomically), so a
+    killed upgrade leaves the format-1 store readable and can simply be run again.
+    """
+    path = Path(path)
+    version = store_version(path)
+    if version is None:
+        raise StoreError(path, "not a histoduo tile store")
+    if version >= 2:
+        return sorted(read_index(path)[0])
+    class_names = store_class_names(path)
+    entries = []
+    for name in sorted(_v1_complete(path)):
+        dest = convert_v1_slide(path, name, slide_file_path(path, name))
+        entries.append(install_slide_file(path, dest, name))
+    write_index(path, entries, class_names)
+    remove_unlisted(path, entries)
+    return [e.name for e in entries]
 
 
 class TileStore:
-    """Read access to a tile store; safe to open in every DataLoader worker.
+    """Read access to a tile store (either format); safe to open in every DataLoader worker.
 
-    The HDF5 handle is opened lazily and re-opened in a new process (after fork or pickling),
-    because HDF5 handles must never cross a fork.
+    HDF5 handles are opened lazily and re-opened in a new process (after fork or pickling),
+    because HDF5 handles must never cross a fork. A format-2 store keeps at most
+    ``max_open_files`` slide files open.
     """
+
+    max_open_files = 64
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.exists():
             raise StoreError(self.path, "tile store not found")
-        self._file: h5py.File | None = None
+        self._files: dict[Path, h5py.File] = {}
         self._pid = -1
-        f = self._handle()
-        self._slides = sorted(
-            str(g.attrs["name"])
-            for g in f.get(SLIDES_GROUP, {}).values()
-            if bool(g.attrs.get("complete", False))
-        )
-        raw = f.attrs.get("class_names")
-        self.class_names: list[str] = json.loads(raw) if raw else []
+        try:
+            with h5py.File(self.path, "r") as f:
+                self.version = _check_header(f, self.path)
+        except OSError as exc:
+            raise StoreError(self.path, f"cannot open as HDF5 ({exc})") from exc
+        if self.version < 2:
+            entries = {
+                name: IndexEntry(name, self.path, f"/{SLIDES_GROUP}/{group_key(name)}")
+                for name in _v1_complete(self.path)
+            }
+            raw = store_class_names(self.path)
+            self.class_names: list[str] = raw or []
+        else:
+            entries, self.class_names = read_index(self.path)
+            missing = [e for e in entries.values() if not e.file.exists()]
+            if missing:
+                raise StoreError(
+                    missing[0].file,
+                    f"slide {missing[0].name!r} listed in {self.path} is missing "
+                    f"({len(missing)} missing); move or copy {self.path.name} together with "
+                    f"its folder {store_folder(self.path).name}/",
+                )
+        self._entries = entries
+        self._slides = sorted(entries)
 
     # --- handle management -------------------------------------------------------------------
-    def _handle(self) -> h5py.File:
-        if self._file is None or self._pid != os.getpid():
-            try:
-                self._file = h5py.File(self.path, "r")
-            except OSError as exc:
-                raise StoreError(self.path, f"cannot open as HDF5 ({exc})") from exc
+    def _open(self, file: Path) -> h5py.File:
+        if self._pid != os.getpid():
+            self._files = {}  # handles of the parent process are never used after a fork
             self._pid = os.getpid()
-            _check_header(self._file, self.path)
-        return self._file
+        handle = self._files.get(file)
+        if handle is None:
+            if len(self._files) >= self.max_open_files:
+                oldest = next(iter(self._files))
+                self._files.pop(oldest).close()
+            try:
+                handle = h5py.File(file, "r")
+            except OSError as exc:
+                raise StoreError(file, f"cannot open as HDF5 ({exc})") from exc
+            self._files[file] = handle
+        return handle
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_file"] = None
+        state["_files"] = {}
         state["_pid"] = -1
         return state
 
     def close(self) -> None:
-        if self._file is not None and self._pid == os.getpid():
-            self._file.close()
-        self._file = None
+        if self._pid == os.getpid():
+            for handle in self._files.values():
+                handle.close()
+        self._files = {}
 
     def __enter__(self) -> TileStore:
         return self
@@ -513,13 +918,26 @@ class TileStore:
     # --- contents ------------------------------------------------------------------------------
     @property
     def slides(self) -> list[str]:
-        """Names of complete slides (incomplete groups are invisible)."""
+        """Names of complete slides (incomplete ones are invisible)."""
         return list(self._slides)
 
-    def _group(self, slide: str) -> h5py.Group:
-        if slide not in self._slides:
+    def slide_file(self, slide: str) -> Path:
+        """The file holding ``slide`` (format 2: its CLAM-layout slide file)."""
+        return self._entry(slide).file
+
+    def _entry(self, slide: str) -> IndexEntry:
+        entry = self._entries.get(slide)
+        if entry is None:
             raise KeyError(f"{self.path}: no complete slide named {slide!r}")
-        return self._handle()[f"{SLIDES_GROUP}/{group_key(slide)}"]
+        return entry
+
+    def _group(self, slide: str) -> h5py.Group:
+        entry = self._entry(slide)
+        handle = self._open(entry.file)
+        group = handle[entry.h5_path]
+        if entry.h5_path == "/" and not bool(group.attrs.get("complete", False)):
+            raise StoreError(entry.file, f"slide file of {slide!r} is not complete")
+        return group
 
     def num_tiles(self, slide: str) -> int:
         return int(self._group(slide)["coords"].shape[0])
