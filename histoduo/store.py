@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -677,11 +677,8 @@ def is_store(path: Path) -> bool:
         return False
 
 
-def remove_unlisted(index_path: Path, keep: Iterable[IndexEntry]) -> int:
-    """Delete slide and TRIDENT files in the store's folder that the index does not list
-    (slides an --overwrite dropped, temporary files of a killed run); returns the count."""
-    kept = {group_key(e.name) for e in keep}
-    removed = 0
+def _store_files(index_path: Path) -> Iterator[tuple[Path, str]]:
+    """(path, slide key or None for a temporary file) of the files in the store's folder."""
     for folder, suffix in (
         (clam_dir(index_path) / "patches", ".h5"),
         (trident_dir(index_path) / "patches", "_patches.h5"),
@@ -689,13 +686,29 @@ def remove_unlisted(index_path: Path, keep: Iterable[IndexEntry]) -> int:
         if not folder.is_dir():
             continue
         for path in folder.iterdir():
-            name = path.name
-            temporary = name.startswith(".") and name.endswith(".tmp")
-            unlisted = name.endswith(suffix) and name[: -len(suffix)] not in kept
-            if temporary or unlisted:
-                path.unlink(missing_ok=True)
-                removed += 1
-    return removed
+            if path.name.startswith(".") and path.name.endswith(".tmp"):
+                yield path, ""
+            elif path.name.endswith(suffix):
+                yield path, path.name[: -len(suffix)]
+
+
+def remove_temporary(index_path: Path) -> int:
+    """Delete the temporary files a killed writer left in the store's folder (never trusted:
+    complete files are renamed to their final names)."""
+    stale = [path for path, key in _store_files(index_path) if not key]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
+def remove_unlisted(index_path: Path, keep: Iterable[IndexEntry]) -> int:
+    """Delete slide and TRIDENT files in the store's folder that the index does not list
+    (slides an --overwrite dropped) and temporary files; returns the count."""
+    kept = {group_key(e.name) for e in keep}
+    gone = [path for path, key in _store_files(index_path) if key not in kept]
+    for path in gone:
+        path.unlink(missing_ok=True)
+    return len(gone)
 
 
 def orphan_slides(index_path: Path, listed: Iterable[str]) -> dict[str, SlideRecord]:

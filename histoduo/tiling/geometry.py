@@ -41,9 +41,12 @@ class TileGeometry:
             )
         level = slide.best_level_for_downsample(scale)
         level_ds = slide.level_downsamples[level]
+        # Whole pixels of the read level, for the footprint and for the grid step: corners
+        # then fall on that level's pixel grid, where every reader rounds them the same way.
         read_px = max(1, round(params.tile_size_px * scale / level_ds))
+        stride_read_px = max(1, round(params.effective_stride_px * scale / level_ds))
         size0 = max(1, round(read_px * level_ds))
-        stride0 = max(1, round(params.effective_stride_px * scale))
+        stride0 = max(1, round(stride_read_px * level_ds))
         return cls(slide_mpp, size0, stride0, level, level_ds, read_px)
 
 

@@ -40,6 +40,7 @@ from histoduo.store import (
     is_store,
     orphan_slides,
     read_index,
+    remove_temporary,
     remove_unlisted,
     slide_file_path,
     store_class_names,
@@ -149,7 +150,7 @@ def tile_slides(
     labeller = Labeller.from_dir(annotations_dir, params, class_names) if annotations_dir else None
     names = labeller.class_names if labeller else None
     existing, entries = _existing_slides(out_path, overwrite)
-    if names is None and existing:
+    if names is None and existing and out_path.exists():
         names = store_class_names(out_path)
     pool = LazyPool(workers, tileio.WORKER_PRELOAD, initializer=tileio.warm_up)
     run = _TileRun(
@@ -169,7 +170,9 @@ def tile_slides(
             run.write_index()
         if overwrite:
             remove_unlisted(out_path, run.entries.values())
-    report = TilingReport(str(out_path), params.to_dict(), run.results)
+    order = {source.name: i for i, source in reversed(list(enumerate(sources)))}
+    results = sorted(run.results, key=lambda r: order.get(r.slide, len(order)))  # input order
+    report = TilingReport(str(out_path), params.to_dict(), results)
     report.write(out_path)
     if first_error is not None:
         raise first_error
@@ -197,6 +200,7 @@ def _existing_slides(
             raise StoreError(out_path, "exists and is not a histoduo tile store; pass --overwrite")
         if version == 1 and not overwrite:
             raise StoreError(out_path, upgrade_hint(out_path))
+    remove_temporary(out_path)  # a killed writer's; never trusted
     if overwrite:
         return {}, {}
     listed = _listed(out_path) if version == 2 else {}
