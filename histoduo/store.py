@@ -51,6 +51,10 @@ class StoreError(HistoduoError):
     """A tile store is missing, corrupt, or not a histoduo store; names the file."""
 
 
+class StoreUpgradeNeeded(StoreError):
+    """A format-1 store where a command would add to it; the message says how to upgrade."""
+
+
 def group_key(name: str) -> str:
     """An HDF5-safe group name for a slide name ('/' would make nested groups)."""
     return name.replace("/", "_")
@@ -347,6 +351,7 @@ def store_version(path: str | Path) -> int | None:
 
 
 def upgrade_hint(path: str | Path) -> str:
+    """Why a format-1 store cannot be added to, and the command that fixes it."""
     return (
         f"it is a format-1 tile store; run `histoduo upgrade-store {path}` once to rewrite it "
         f"as format 2 (per-slide files CLAM and TRIDENT read), or pass --overwrite"
@@ -371,7 +376,9 @@ def read_index(index_path: str | Path) -> tuple[dict[str, IndexEntry], list[str]
     index_path = Path(index_path)
     with h5py.File(index_path, "r") as f:
         _check_header(f, index_path)
-        names = json.loads(f.attrs.get("slide_names", "{}"))
+        names: dict[str, str] = {}
+        if "slide_names" in f:  # a dataset: an attribute would cap the store at ~1,500 slides
+            names = {str(k): str(v) for k, v in f["slide_names"].asstr()[()]}
         raw = f.attrs.get("class_names")
         class_names = json.loads(raw) if raw else []
         entries: dict[str, IndexEntry] = {}
@@ -409,7 +416,8 @@ def write_index(
                 names[key] = entry.name
                 rel = os.path.relpath(Path(entry.file).resolve(), folder)
                 group[key] = h5py.ExternalLink(rel, entry.h5_path)
-            f.attrs["slide_names"] = _json_attr(names)
+            table = np.array(sorted(names.items()), dtype=object).reshape(-1, 2)
+            f.create_dataset("slide_names", data=table, dtype=h5py.string_dtype())
     return index_path
 
 
@@ -791,7 +799,7 @@ def merge_stores(
     if out_path.exists() and not overwrite and not into:
         raise StoreError(out_path, "output exists; pass --overwrite to replace it")
     if into and store_version(out_path) == 1:
-        raise StoreError(out_path, upgrade_hint(out_path))
+        raise StoreUpgradeNeeded(out_path, upgrade_hint(out_path))
     entries: dict[str, IndexEntry] = {}
     class_names: list[str] | None = None
     plan: list[tuple[Path, IndexEntry, int]] = []

@@ -165,7 +165,7 @@ def tile_command(
     """Detect tissue and cut tiles into one HDF5 tile store (resumable)."""
     from histoduo.cli._options import mpp_from_options
     from histoduo.slide import SlideError
-    from histoduo.store import StoreError
+    from histoduo.store import StoreError, StoreUpgradeNeeded
     from histoduo.tiling import TilingParams, summarise, tile_slides
     from histoduo.tissue import TissueParams
 
@@ -204,6 +204,8 @@ def tile_command(
             progress=not quiet,
             log=console.print,
         )
+    except StoreUpgradeNeeded as exc:
+        raise fail(str(exc)) from None
     except (SlideError, StoreError, ValueError) as exc:
         raise fail(f"{exc}\n(finished slides were saved; rerun to resume)") from None
     summary = summarise(report)

@@ -36,6 +36,7 @@ from histoduo.store import (
     SlidePartWriter,
     SlideRecord,
     StoreError,
+    StoreUpgradeNeeded,
     complete_slides,
     is_store,
     orphan_slides,
@@ -199,7 +200,7 @@ def _existing_slides(
                 raise StoreError(out_path, "not a tile store this histoduo reads")
             raise StoreError(out_path, "exists and is not a histoduo tile store; pass --overwrite")
         if version == 1 and not overwrite:
-            raise StoreError(out_path, upgrade_hint(out_path))
+            raise StoreUpgradeNeeded(out_path, upgrade_hint(out_path))
     remove_temporary(out_path)  # a killed writer's; never trusted
     if overwrite:
         return {}, {}
