@@ -22,11 +22,14 @@ from typer.testing import CliRunner
 from histoduo.cli import app
 from histoduo.sources import SlideSource
 from histoduo.store import (
+    IndexEntry,
     StoreError,
     TileStore,
     merge_stores,
+    read_index,
     read_slide_record,
     store_version,
+    write_index,
 )
 from histoduo.tiling import TilingParams, tile_slides
 
@@ -261,6 +264,8 @@ def test_format1_store_reads_and_upgrades(svs_slide, svs_slide_b, tmp_path: Path
         assert store.record("svs_a").read_side_px == 128
     with pytest.raises(StoreError, match="upgrade-store"):
         _tile([SlideSource(svs_slide.path)], old, params)
+    cli = CliRunner().invoke(app, ["tile", str(svs_slide.path), "--out", str(old), "--quiet"])
+    assert cli.exit_code != 0 and "histoduo upgrade-store" in " ".join(cli.output.split())
     result = CliRunner().invoke(app, ["upgrade-store", str(old)])
     assert result.exit_code == 0, result.output
     assert store_version(old) == 2
@@ -357,3 +362,14 @@ def test_kill_9_loses_at_most_the_slide_in_progress(
     assert _check_consistent(out) == ["svs_a", "svs_b", "tiff_a"]
     assert not [p.name for p in patches.iterdir() if p.name.endswith(".tmp")]  # cleaned up
     json.loads((tmp_path / "tiles.h5.report.json").read_text())
+
+
+def test_index_lists_thousands_of_slides(tmp_path: Path) -> None:
+    """Names live in a dataset: an HDF5 attribute (64 KB) would cap the index."""
+    folder = tmp_path / "t.h5.d" / "clam" / "patches"
+    entries = [IndexEntry(f"slide/{i:05d}-{'x' * 40}", folder / f"s{i}.h5") for i in range(3000)]
+    write_index(tmp_path / "t.h5", entries, ["a", "b"])
+    found, class_names = read_index(tmp_path / "t.h5")
+    assert class_names == ["a", "b"] and len(found) == 3000
+    first = found["slide/00000-" + "x" * 40]
+    assert first.file == folder / "s0.h5" and first.h5_path == "/"
