@@ -365,6 +365,11 @@ class IndexEntry:
     name: str
     file: Path  # absolute, resolved from the index's own folder
     h5_path: str = "/"  # "/" for a slide file; "/slides/<key>" for a group of a format-1 file
+    record: SlideRecord | None = None  # a copy of the file's record, so resume opens no file
+
+    @classmethod
+    def of(cls, record: SlideRecord, file: Path) -> IndexEntry:
+        return cls(record.name, Path(file).resolve(), "/", record)
 
 
 def read_index(index_path: str | Path) -> tuple[dict[str, IndexEntry], list[str]]:
@@ -377,8 +382,12 @@ def read_index(index_path: str | Path) -> tuple[dict[str, IndexEntry], list[str]
     with h5py.File(index_path, "r") as f:
         _check_header(f, index_path)
         names: dict[str, str] = {}
+        records: dict[str, SlideRecord] = {}
         if "slide_names" in f:  # a dataset: an attribute would cap the store at ~1,500 slides
-            names = {str(k): str(v) for k, v in f["slide_names"].asstr()[()]}
+            for key, name, record in f["slide_names"].asstr()[()]:
+                names[str(key)] = str(name)
+                if record:
+                    records[str(key)] = SlideRecord.from_attrs(json.loads(record))
         raw = f.attrs.get("class_names")
         class_names = json.loads(raw) if raw else []
         entries: dict[str, IndexEntry] = {}
@@ -392,7 +401,8 @@ def read_index(index_path: str | Path) -> tuple[dict[str, IndexEntry], list[str]
             if not target.is_absolute():
                 target = index_path.parent / target
             name = str(names.get(key, key))
-            entries[name] = IndexEntry(name, Path(os.path.normpath(target)), link.path)
+            file = Path(os.path.normpath(target))
+            entries[name] = IndexEntry(name, file, link.path, records.get(key))
     return entries, class_names
 
 
@@ -408,15 +418,16 @@ def write_index(
         with h5py.File(tmp, "w") as f:
             _write_header(f, class_names)
             group = f.create_group(SLIDES_GROUP)
-            names: dict[str, str] = {}
+            rows: dict[str, tuple[str, str, str]] = {}
             for entry in sorted(entries, key=lambda e: e.name):
                 key = group_key(entry.name)
-                if key in names:
+                if key in rows:
                     raise StoreError(index_path, f"slide {entry.name!r} listed twice")
-                names[key] = entry.name
+                record = "" if entry.record is None else _json_attr(entry.record.to_attrs())
+                rows[key] = (key, entry.name, record)
                 rel = os.path.relpath(Path(entry.file).resolve(), folder)
                 group[key] = h5py.ExternalLink(rel, entry.h5_path)
-            table = np.array(sorted(names.items()), dtype=object).reshape(-1, 2)
+            table = np.array(list(rows.values()), dtype=object).reshape(-1, 3)
             f.create_dataset("slide_names", data=table, dtype=h5py.string_dtype())
     return index_path
 
@@ -582,7 +593,10 @@ def install_slide_file(index_path: Path, src: Path, name: str, *, how: str = "mo
             else:
                 os.replace(tmp, dest)
     write_trident_file(dest, trident_file_path(index_path, name))
-    return IndexEntry(name, dest.resolve())
+    record = read_slide_record(dest)
+    if record is None:
+        raise StoreError(src, f"not a complete histoduo slide file (slide {name!r})")
+    return IndexEntry.of(record, dest)
 
 
 def _copy_in(src: Path, dest: Path) -> None:
@@ -659,11 +673,14 @@ def complete_slides(path: Path) -> dict[str, SlideRecord]:
         return {}
     records = {}
     for name, entry in entries.items():
-        record = (
-            read_slide_record(entry.file)
-            if entry.h5_path == "/"
-            else _v1_complete(entry.file).get(name)
-        )
+        # Files at their final names are complete by construction: the index's copy of the
+        # record is enough, and resuming a store of N slides opens none of them.
+        if entry.record is not None and entry.file.exists():
+            record: SlideRecord | None = entry.record
+        elif entry.h5_path == "/":
+            record = read_slide_record(entry.file)
+        else:
+            record = _v1_complete(entry.file).get(name)
         if record is not None:
             records[name] = record
     return records

@@ -25,6 +25,7 @@ from histoduo.store import (
     IndexEntry,
     StoreError,
     TileStore,
+    complete_slides,
     merge_stores,
     read_index,
     read_slide_record,
@@ -171,6 +172,10 @@ def test_adding_a_slide_leaves_the_other_slides_files_untouched(
     with TileStore(out) as store:
         assert store.slides == ["svs_a", "svs_b", "tiff_a"]
         assert store.read_tiles("tiff_a", [0, 1]).shape == (2, 64, 64, 3)
+        # resume reads the index's copy of each record: it must equal the slide file's
+        listed = complete_slides(out)
+        for slide in store.slides:
+            assert listed[slide] == read_slide_record(store.slide_file(slide))
 
 
 def test_pipelined_run_keeps_each_slides_tiles_in_order(

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -206,12 +206,12 @@ def _existing_slides(
         return {}, {}
     listed = _listed(out_path) if version == 2 else {}
     existing = complete_slides(out_path) if version == 2 else {}
-    entries = {name: listed[name] for name in existing}
+    entries = {name: replace(listed[name], record=existing[name]) for name in existing}
     for name, record in orphan_slides(out_path, listed).items():
         path = slide_file_path(out_path, name)
         write_trident_file(path, trident_file_path(out_path, name))  # may have been cut short
         existing[name] = record
-        entries[name] = IndexEntry(name, path.resolve())
+        entries[name] = IndexEntry.of(record, path)
     return existing, entries
 
 
@@ -401,7 +401,9 @@ def _finish_slide(job: _SlideJob, run: _TileRun) -> SlideResult:
         writer.abort()
         raise
     write_trident_coords(trident_file_path(run.out_path, source.name), plan.coords, plan.record)
-    run.add(IndexEntry(source.name, path.resolve()))
+    encoding = "none" if run.params.dry_run else run.params.encoding
+    record = replace(plan.record, n_tiles=len(plan.coords), tile_encoding=encoding, complete=True)
+    run.add(IndexEntry.of(record, path))  # the record as the file now holds it
     return SlideResult(
         source.name,
         str(source.path),
