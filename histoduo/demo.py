@@ -25,6 +25,7 @@ import numpy as np
 
 from histoduo.run.files import atomic_write_text
 from histoduo.synthetic import DEFAULT_CLASSES, SyntheticSlide, SyntheticSlideSpec
+from histoduo.training.metrics import balanced_accuracy
 
 HELD_OUT_FOCUS = ("high_grade", 0.12)  # a high-grade focus of 12% of the tissue
 
@@ -112,12 +113,6 @@ def truth_labels(
     return out
 
 
-def balanced_accuracy(truth: np.ndarray, predicted: np.ndarray) -> float:
-    """Mean per-class recall over the classes present in ``truth``."""
-    recalls = [float(np.mean(predicted[truth == c] == c)) for c in np.unique(truth)]
-    return float(np.mean(recalls)) if recalls else float("nan")
-
-
 def run_demo(
     out_dir: str | Path,
     config: DemoConfig = DemoConfig(),
@@ -185,18 +180,13 @@ def run_demo(
         overwrite=True,
     )
     slide_dir = results / held_out.path.stem
-    tiles = pd.read_csv(slide_dir / "tiles.csv")
-    coords = tiles[["x", "y"]].to_numpy()
-    size0 = int(tiles["width"].iloc[0])
-    truth = truth_labels(held_out, coords, size0, class_names)
-    predicted = np.array([class_names.index(p) for p in tiles["pred"]])
-    known = truth >= 0
+    n_known, accuracy = _held_out_accuracy(held_out, slide_dir, class_names)
     summary_row = pd.read_csv(results / "slides.csv").iloc[0]
     summary = DemoSummary(
         out_dir=str(out),
         held_out_slide=str(held_out.path),
-        held_out_tiles=int(known.sum()),
-        held_out_balanced_accuracy=balanced_accuracy(truth[known], predicted[known]),
+        held_out_tiles=n_known,
+        held_out_balanced_accuracy=accuracy,
         validation_balanced_accuracy=_validation_score(result.metrics),
         slide_call=str(summary_row["call"]),
         slide_truth=HELD_OUT_FOCUS[0],
@@ -215,6 +205,21 @@ def run_demo(
     )
     atomic_write_text(out / "demo_summary.json", json.dumps(summary.to_dict(), indent=2))
     return summary
+
+
+def _held_out_accuracy(
+    held_out: SyntheticSlide, slide_dir: Path, class_names: list[str]
+) -> tuple[int, float]:
+    """(tiles with a ground-truth class, balanced accuracy over them) from tiles.csv."""
+    import pandas as pd
+
+    tiles = pd.read_csv(slide_dir / "tiles.csv")
+    coords = tiles[["x", "y"]].to_numpy()
+    size0 = int(tiles["width"].iloc[0])
+    truth = truth_labels(held_out, coords, size0, class_names)
+    predicted = np.array([class_names.index(p) for p in tiles["pred"]])
+    known = truth >= 0
+    return int(known.sum()), balanced_accuracy(truth[known], predicted[known])
 
 
 def _validation_score(metrics: dict[str, Any]) -> float | None:

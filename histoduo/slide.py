@@ -341,7 +341,21 @@ def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
     return (rgb.astype(np.float32) * a + 255.0 * (1.0 - a) + 0.5).astype(np.uint8)
 
 
-class OpenSlideSlide(Slide):
+class _LibrarySlide(Slide):
+    """A slide held by a reader library object (``self._slide``) with OpenSlide's API."""
+
+    _slide: Any
+
+    @property
+    def level_dimensions(self) -> list[tuple[int, int]]:
+        return [tuple(d) for d in self._slide.level_dimensions]
+
+    @property
+    def level_downsamples(self) -> list[float]:
+        return [float(d) for d in self._slide.level_downsamples]
+
+
+class OpenSlideSlide(_LibrarySlide):
     backend = "openslide"
 
     def __init__(self, path: Path, mpp_override: float | None = None) -> None:
@@ -354,14 +368,6 @@ class OpenSlideSlide(Slide):
             raise SlideError(path, "unsupported or unrecognised slide format") from exc
         except openslide.OpenSlideError as exc:
             raise SlideError(path, f"corrupt or unreadable slide ({exc})") from exc
-
-    @property
-    def level_dimensions(self) -> list[tuple[int, int]]:
-        return [tuple(d) for d in self._slide.level_dimensions]
-
-    @property
-    def level_downsamples(self) -> list[float]:
-        return [float(d) for d in self._slide.level_downsamples]
 
     @property
     def properties(self) -> Mapping[str, str]:
@@ -384,7 +390,7 @@ class OpenSlideSlide(Slide):
         self._slide.close()
 
 
-class TiffSlideSlide(Slide):
+class TiffSlideSlide(_LibrarySlide):
     backend = "tiffslide"
 
     def __init__(self, path: Path, mpp_override: float | None = None) -> None:
@@ -396,14 +402,6 @@ class TiffSlideSlide(Slide):
         except Exception as exc:  # tifffile raises many types for bad files
             raise SlideError(path, f"cannot open with tiffslide ({exc})") from exc
         _check_rgb_pages(path, self._slide)
-
-    @property
-    def level_dimensions(self) -> list[tuple[int, int]]:
-        return [tuple(d) for d in self._slide.level_dimensions]
-
-    @property
-    def level_downsamples(self) -> list[float]:
-        return [float(d) for d in self._slide.level_downsamples]
 
     @property
     def properties(self) -> Mapping[str, str]:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from histoduo.geojson import Polygon
 from histoduo.run.files import atomic_path, atomic_write_text
 
 DEFAULT_CLASSES: tuple[str, ...] = ("normal", "low_grade", "high_grade", "necrosis")
@@ -30,14 +31,6 @@ _BLOCK_PX = 128  # level-0 block that owns a fixed set of candidate nuclei (dete
 _MAX_LAYOUT_CELLS = 2048  # long side of the layout grid; keeps label maps small for any slide
 _MIN_LEVEL_PX = 256  # pyramid levels smaller than this on the long side are dropped
 _BG_RGB = np.array([242.0, 240.0, 243.0], dtype=np.float32)
-
-_CLASS_COLORS: dict[str, tuple[int, int, int]] = {
-    "Tissue": (0, 90, 255),
-    "normal": (40, 170, 60),
-    "low_grade": (240, 200, 0),
-    "high_grade": (220, 30, 30),
-    "necrosis": (110, 110, 110),
-}
 
 
 @dataclass(frozen=True)
@@ -309,13 +302,6 @@ def _style_for(name: str, index: int) -> _Style:
         ),
         nuc_alpha=float(rng.uniform(0.75, 0.97)),
     )
-
-
-def _class_color(name: str, index: int) -> list[int]:
-    if name in _CLASS_COLORS:
-        return list(_CLASS_COLORS[name])
-    rng = np.random.default_rng([0xC010, index])
-    return [int(v) for v in rng.integers(30, 230, size=3)]
 
 
 @lru_cache(maxsize=16)
@@ -764,34 +750,26 @@ def _mask_polygons(mask: np.ndarray, cell: int, W: int, H: int) -> list[list[lis
 
 
 def truth_feature_collection(spec: SyntheticSlideSpec) -> dict:
-    """QuPath FeatureCollection (level-0 px) of tissue pieces and class regions."""
+    """QuPath FeatureCollection (level-0 px) of tissue pieces and class regions.
+
+    Colours are histoduo's class colours (geojson.class_color), as in every other output.
+    """
+    from histoduo.geojson import polygon_feature
+
+    def polygons(rings_of_each: list[list[list[list[float]]]]) -> list[Polygon]:
+        return [(np.array(r[0]), [np.array(h) for h in r[1:]]) for r in rings_of_each]
+
     lay = _layout(spec)
     W, H = spec.width_px, spec.height_px
-    feats: list[dict] = []
-    for poly in _mask_polygons(lay.labels > 0, lay.cell, W, H):
-        feats.append(_feature({"type": "Polygon", "coordinates": poly}, "Tissue", [0, 90, 255]))
+    feats: list[dict] = [
+        polygon_feature([poly], class_name="Tissue")
+        for poly in polygons(_mask_polygons(lay.labels > 0, lay.cell, W, H))
+    ]
     for i, name in enumerate(spec.class_names):
-        polys = _mask_polygons(lay.labels == i + 1, lay.cell, W, H)
-        if not polys:
-            continue
-        geom = (
-            {"type": "Polygon", "coordinates": polys[0]}
-            if len(polys) == 1
-            else {"type": "MultiPolygon", "coordinates": polys}
-        )
-        feats.append(_feature(geom, name, _class_color(name, i)))
+        polys = polygons(_mask_polygons(lay.labels == i + 1, lay.cell, W, H))
+        if polys:
+            feats.append(polygon_feature(polys, class_name=name))
     return {"type": "FeatureCollection", "features": feats}
-
-
-def _feature(geometry: dict, name: str, color: list[int]) -> dict:
-    return {
-        "type": "Feature",
-        "geometry": geometry,
-        "properties": {
-            "objectType": "annotation",
-            "classification": {"name": name, "color": color},
-        },
-    }
 
 
 # --------------------------------------------------------------------------------------------

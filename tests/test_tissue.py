@@ -337,3 +337,27 @@ def test_cli_errors(cli_app: object, tmp_path: Path) -> None:
         cli_app, ["tissue", str(blank), "--out", str(tmp_path / "o"), "--roi", str(bad_roi)]
     )
     assert result.exit_code != 0 and "bad.geojson" in _text(result.output)
+
+
+def test_cli_takes_a_slide_csv_and_shards(cli_app: object, tmp_path: Path) -> None:
+    """tissue reads slides as tile does: a slide CSV (with per-slide mpp) and --shard K/N."""
+    from typer.testing import CliRunner
+
+    from histoduo.synthetic import SyntheticSlideSpec, write_synthetic_slide
+
+    names = ["csv_a", "csv_b", "csv_c"]
+    for i, name in enumerate(names):
+        spec = SyntheticSlideSpec(width_px=1024, height_px=768, mpp=0.5, seed=30 + i)
+        write_synthetic_slide(tmp_path / f"{name}.svs", spec, workers=1)
+    table = tmp_path / "slides.csv"
+    table.write_text("path,mpp\n" + "".join(f"{n}.svs,0.5\n" for n in names))
+    runner = CliRunner(env={"COLUMNS": "200"})
+    seen: list[str] = []
+    for k in (1, 2):
+        out = tmp_path / f"o{k}"
+        result = runner.invoke(
+            cli_app, ["tissue", str(table), "--out", str(out), "--shard", f"{k}/2"]
+        )
+        assert result.exit_code == 0, result.output
+        seen += sorted(p.name.removesuffix("_tissue.geojson") for p in out.glob("*_tissue.geojson"))
+    assert sorted(seen) == names  # every slide in exactly one shard

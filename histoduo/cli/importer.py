@@ -77,8 +77,8 @@ def import_command(
     from rich.console import Console
 
     from histoduo.importer import ImageImportError, ImportParams, import_images
+    from histoduo.run.pool import default_workers
     from histoduo.store import StoreError
-    from histoduo.tiling import default_workers
 
     console = Console(stderr=True)
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None

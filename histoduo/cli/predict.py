@@ -142,7 +142,7 @@ def predict_command(
         from histoduo.predict import PredictParams, predict_run
 
         params = PredictParams(
-            mpp=mpp,
+            target_mpp=mpp,
             tile_size_px=tile_size,
             stride_px=stride,
             min_tissue_fraction=min_tissue,

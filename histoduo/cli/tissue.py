@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from histoduo.cli._app import app, fail
+from histoduo.cli._options import Shard, SlideInputs
 
 
 @app.command("tissue")
 def tissue_command(
-    slides: Annotated[
-        list[Path],
-        typer.Argument(help="Slide files, folders or glob patterns.", show_default=False),
-    ],
+    slides: SlideInputs,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Output folder for masks, overlays and GeoJSON.")
     ],
@@ -43,23 +40,19 @@ def tissue_command(
     roi_mode: Annotated[
         str, typer.Option(help="intersect: ROI AND detected tissue; replace: the ROI only.")
     ] = "intersect",
+    shard: Shard = None,
     skip_errors: Annotated[
         bool, typer.Option(help="Report failing slides and go on; exit 0.")
     ] = False,
 ) -> None:
     """Detect tissue; write <name>_mask.png, <name>_overlay.png and <name>_tissue.geojson."""
     from rich.console import Console
-    from rich.table import Table
 
+    from histoduo.cli.slides import _sources
     from histoduo.geojson import read_annotations
-    from histoduo.slide import BACKENDS, SlideError, find_slides, open_slide
-    from histoduo.tissue import (
-        ROI_MODES,
-        TissueParams,
-        detect_tissue,
-        require_tissue,
-        save_tissue_outputs,
-    )
+    from histoduo.slide import BACKENDS
+    from histoduo.tissue import ROI_MODES, TissueParams
+    from histoduo.tissue_run import tissue_slides
 
     if backend not in BACKENDS:
         raise fail(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
@@ -78,40 +71,36 @@ def tissue_command(
     params = TissueParams(
         mask_mpp=mask_mpp, min_object_area_um2=min_object_area_um2, exclude_pen=exclude_pen
     )
-    paths = find_slides([str(p) for p in slides])
-    if not paths:
-        raise fail(f"no slides found in {', '.join(str(s) for s in slides)}")
-
+    sources = _sources(slides, slide_mpp, shard)
+    report = tissue_slides(
+        sources,
+        out,
+        params,
+        backend=backend,
+        roi=roi_annotations,
+        roi_mode=roi_mode,
+        skip_errors=skip_errors,
+    )
     console = Console()
+    console.print(_table(report))
+    if report.first_error is not None:
+        raise fail(str(report.first_error))
+    for result in report.failed:
+        console.print(f"[yellow]skipped:[/] {result.error}", highlight=False)
+
+
+def _table(report: Any) -> Any:
+    from rich.table import Table
+
     table = Table(title="Tissue detection")
     for column in ("slide", "tissue mm^2", "mask (w x h)", "time s", "status"):
         table.add_column(column)
-    errors: list[str] = []
-    for path in paths:
-        start = time.perf_counter()
-        try:
-            with open_slide(path, backend=backend, mpp_override=slide_mpp) as slide:
-                mask = detect_tissue(slide, params, roi=roi_annotations, roi_mode=roi_mode)
-                require_tissue(mask, path)
-                save_tissue_outputs(mask, out, slide.name)
-        except Exception as exc:  # noqa: BLE001 - every failure is reported per slide
-            if not isinstance(exc, SlideError):
-                exc = SlideError(path, f"{type(exc).__name__}: {exc}")
-            errors.append(str(exc))
-            status = "no tissue" if "no tissue found" in exc.reason else "error"
-            table.add_row(str(path.name), "-", "-", f"{time.perf_counter() - start:.2f}", status)
-            if not skip_errors:
-                console.print(table)
-                raise fail(str(exc)) from exc
+    for r in report.results:
+        if r.status != "done":
+            status = "no tissue" if r.status == "no_tissue" else "error"
+            table.add_row(Path(r.path).name, "-", "-", f"{r.seconds:.2f}", status)
             continue
-        area = mask.area_mm2()
-        table.add_row(
-            slide.name,
-            f"{area:.2f}" if area is not None else "-",
-            f"{mask.shape[1]} x {mask.shape[0]}",
-            f"{time.perf_counter() - start:.2f}",
-            "ok",
-        )
-    console.print(table)
-    for message in errors:
-        console.print(f"[yellow]skipped:[/] {message}", highlight=False)
+        area = f"{r.tissue_area_mm2:.2f}" if r.tissue_area_mm2 is not None else "-"
+        shape = f"{r.mask_shape_hw[1]} x {r.mask_shape_hw[0]}" if r.mask_shape_hw else "-"
+        table.add_row(r.slide, area, shape, f"{r.seconds:.2f}", "ok")
+    return table

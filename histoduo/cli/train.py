@@ -177,7 +177,8 @@ def train_command(
     if not store.exists():
         raise fail(f"{store}: tile store not found")
     try:
-        tile_size = int(TileStore(store).attrs(TileStore(store).slides[0])["tile_size_px"])
+        with TileStore(store) as tiles:
+            tile_size = tiles.record(tiles.slides[0]).tile_size_px
     except (StoreError, IndexError, KeyError) as exc:
         raise fail(f"{store}: not a usable tile store ({exc})") from None
     model_config = model_config_from_options(

@@ -18,11 +18,12 @@ from histoduo.run.files import (
     temporary_path,
 )
 from histoduo.run.pool import LazyPool, available_cores, default_workers, pool_context, worker_pool
-from histoduo.run.progress import SlideProgress
+from histoduo.run.progress import EpochProgress, SlideProgress
 from histoduo.run.slides import STATUSES, run_slides, status_of
 
 __all__ = [
     "STATUSES",
+    "EpochProgress",
     "HistoduoError",
     "LazyPool",
     "SlideProgress",

@@ -9,7 +9,7 @@ import numpy as np
 
 from histoduo.slide import Slide, SlideError, open_slide
 from histoduo.tiling.params import TilingParams
-from histoduo.tissue import TissueMask
+from histoduo.tissue import NoTissueError, TissueMask
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,18 @@ def plan_tiles(
     # A tile with no tissue at all never qualifies, even when min_tissue is 0.
     keep = (fractions >= min_tissue) & (fractions > 0)
     return grid[keep], fractions[keep].astype(np.float32)
+
+
+def require_tiles(
+    coords: np.ndarray, path: str | Path, min_tissue_fraction: float, detail: str = ""
+) -> None:
+    """A NoTissueError (status no_tissue) when no tile qualified; ``detail`` ends the message."""
+    if len(coords) == 0:
+        raise NoTissueError(
+            path,
+            f"no tissue tiles: no tile reaches the minimum tissue fraction "
+            f"{min_tissue_fraction:g}" + detail,
+        )
 
 
 def open_overview(path: str | Path, backend: str, mpp_override: float | None) -> Slide:

@@ -53,7 +53,7 @@ from histoduo.store import (
     write_trident_coords,
     write_trident_file,
 )
-from histoduo.tiling.geometry import TileGeometry, open_overview, plan_tiles
+from histoduo.tiling.geometry import TileGeometry, open_overview, plan_tiles, require_tiles
 from histoduo.tiling.labels import Labeller
 from histoduo.tiling.params import TilingParams
 from histoduo.tiling.report import SlideResult, TilingReport
@@ -254,12 +254,8 @@ def _plan_slide(source: SlideSource, run: _TileRun) -> _PlannedSlide:
             if run.labelled_only:
                 keep = labels >= 0
                 coords, fractions, labels = coords[keep], fractions[keep], labels[keep]
-        if len(coords) == 0:
-            raise NoTissueError(
-                source.path,
-                f"no tissue tiles: no tile reaches the minimum tissue fraction "
-                f"{params.min_tissue_fraction:g}" + (" with a label" if run.labelled_only else ""),
-            )
+        detail = " with a label" if run.labelled_only else ""
+        require_tiles(coords, source.path, params.min_tissue_fraction, detail)
         info = slide.info()
         level_w, level_h = slide.level_dimensions[geometry.read_level]
         record = SlideRecord(

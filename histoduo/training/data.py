@@ -108,7 +108,8 @@ def tile_table(
 
 
 def _store_patient(store: TileStore, slide: str) -> str:
-    return str(store.attrs(slide).get("patient", slide))
+    patient = store.record(slide).patient
+    return patient if patient is not None else slide
 
 
 def make_splits(

@@ -14,6 +14,13 @@ def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, n_classes: int) -
     return matrix
 
 
+def balanced_accuracy(truth: np.ndarray, predicted: np.ndarray) -> float:
+    """Mean per-class recall over the classes present in ``truth`` (NaN without any)."""
+    truth, predicted = np.asarray(truth), np.asarray(predicted)
+    recalls = [float(np.mean(predicted[truth == c] == c)) for c in np.unique(truth)]
+    return float(np.mean(recalls)) if recalls else float("nan")
+
+
 def classification_report(
     truth: np.ndarray, predicted: np.ndarray, class_names: list[str]
 ) -> dict[str, Any]:

@@ -1,0 +1,270 @@
+"""The ``predict`` run: every slide (or every slide of a tile store) into ``OUT/<slide>/``.
+
+Finished slides (``done`` marker) are skipped; a slide folder without the marker is an
+interrupted slide and is redone from scratch. Run level ``OUT/``: ``slides.csv`` (rebuilt
+from every slide folder, so shards and reruns accumulate) and ``manifest.json``
+(``manifest.shard-K-of-N.json`` for a shard).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from histoduo.predict.engine import TilePredictor
+from histoduo.predict.outputs import (
+    ERROR_FILE,
+    PredictReport,
+    SlideOutcome,
+    is_done,
+    skipped_outcome,
+    write_slide_outputs,
+    write_slides_csv,
+)
+from histoduo.predict.params import PredictParams, default_workers, tiling_for
+from histoduo.predict.scoring import (
+    grade_scores,
+    scores_from_slide,
+    scores_from_store,
+    tissue_area_mm2,
+)
+from histoduo.run.errors import HistoduoError
+from histoduo.run.files import atomic_write_text
+from histoduo.run.slides import run_slides
+from histoduo.slide import SlideError
+from histoduo.sources import SlideSource
+
+if TYPE_CHECKING:
+    from histoduo.checkpoint import CheckpointMeta
+    from histoduo.store import TileStore
+    from histoduo.tiling import TilingParams
+
+
+@dataclass(frozen=True)
+class _Job:
+    name: str
+    path: str
+    source: SlideSource | None = None  # None: the slide comes from the tile store
+
+
+@dataclass
+class _PredictRun:
+    """One ``predict_run`` call's settings and what it has done so far."""
+
+    out: Path
+    checkpoint: str | Path
+    meta: CheckpointMeta
+    params: PredictParams
+    predictor: TilePredictor
+    tiling: TilingParams
+    workers: int
+    overwrite: bool
+    say: Callable[[str], None]
+    store: TileStore | None = None
+    outcomes: list[SlideOutcome] = field(default_factory=list)
+
+    def resumed(self, job: _Job) -> bool:
+        slide_dir = self.out / job.name
+        if is_done(slide_dir) and not self.overwrite:
+            self.outcomes.append(skipped_outcome(slide_dir, job.name, job.path))
+            self.say(f"{job.name}: already done, skipped")
+            return True
+        if slide_dir.exists():
+            shutil.rmtree(slide_dir)  # interrupted or --overwrite: start clean
+        return False
+
+    def process(self, job: _Job) -> None:
+        t0 = time.perf_counter()
+        if self.store is not None:
+            scores = scores_from_store(self.store, job.name, self.predictor, self.workers)
+        else:
+            assert job.source is not None
+            scores = scores_from_slide(
+                job.source, self.predictor, self.params, self.tiling, self.workers
+            )
+        t_model = time.perf_counter() - t0
+        grade = grade_scores(scores, self.meta, self.params.grade)
+        summary = {
+            "slide": job.name,
+            "path": job.path,
+            "n_tiles": len(scores.probs),
+            "tissue_area_mm2": tissue_area_mm2(scores),
+            "slide_mpp": scores.slide_mpp,
+            "target_mpp": scores.target_mpp,
+            "tile_size_px": scores.tile_size_px,
+            "tile_size_level0": scores.tile_size_level0,
+            "stride_level0": scores.stride_level0,
+            "checkpoint": str(self.checkpoint),
+            "grade_params": self.params.grade.to_dict(),
+            "seconds_predict": t_model,
+        }
+        write_slide_outputs(self.out / job.name, scores, grade, summary, self.params.heatmap)
+        seconds = time.perf_counter() - t0
+        n = len(scores.probs)
+        self.outcomes.append(
+            SlideOutcome(
+                job.name,
+                job.path,
+                "done",
+                n_tiles=n,
+                call=grade.call,
+                confidence=grade.confidence,
+                seconds=seconds,
+                tiles_per_s=n / t_model if t_model > 0 else None,
+            )
+        )
+        self.say(f"{job.name}: {n} tiles, {grade.call} ({grade.confidence:.2f}), {seconds:.1f} s")
+
+    def failed(self, job: _Job, exc: HistoduoError, status: str, seconds: float) -> None:
+        self.outcomes.append(
+            SlideOutcome(job.name, job.path, status, seconds=seconds, error=str(exc))
+        )
+        slide_dir = self.out / job.name
+        slide_dir.mkdir(parents=True, exist_ok=True)
+        error = {"slide": job.name, "path": job.path, "status": status, "error": str(exc)}
+        atomic_write_text(slide_dir / ERROR_FILE, json.dumps(error))
+        self.say(f"[red]{exc}[/]")
+
+
+def predict_run(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    params: PredictParams,
+    *,
+    sources: Sequence[SlideSource] = (),
+    tiles_store: str | Path | None = None,
+    overwrite: bool = False,
+    skip_errors: bool = False,
+    shard: tuple[int, int] | None = None,
+    log: Callable[[str], None] | None = None,
+    model_and_meta: tuple[Any, CheckpointMeta] | None = None,
+) -> PredictReport:
+    """Predict every slide (or every slide of ``tiles_store``) into ``out_dir``.
+
+    Finished slides (``done`` marker) are skipped unless ``overwrite``; a slide folder without
+    the marker is an interrupted slide and is redone from scratch. Without ``skip_errors`` the
+    first failing slide stops the run (after the manifest and slides.csv are written) by
+    raising its SlideError. Raises CheckpointError for files that are not histoduo checkpoints.
+    """
+    from histoduo.checkpoint import load_model
+
+    say = log or (lambda message: None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    model, meta = load_model(checkpoint) if model_and_meta is None else model_and_meta
+    predictor = TilePredictor(model, meta, params)
+    workers = default_workers() if params.workers is None else params.workers
+    tiling = tiling_for(meta, params, say)
+    run = _PredictRun(out, checkpoint, meta, params, predictor, tiling, workers, overwrite, say)
+    try:
+        jobs = _jobs(run, sources, tiles_store, shard)
+        first_error = run_slides(
+            jobs,
+            process=run.process,
+            failed=run.failed,
+            resumed=run.resumed,
+            skip_errors=skip_errors,
+            errors=(SlideError,),
+        )
+    finally:
+        if run.store is not None:
+            run.store.close()
+
+    csv_path = write_slides_csv(out)
+    manifest = _manifest(checkpoint, meta, params, predictor, workers, run.outcomes, started, shard)
+    manifest["tiles_store"] = str(tiles_store) if tiles_store else None
+    manifest["overwrite"], manifest["skip_errors"] = overwrite, skip_errors
+    name = "manifest.json" if shard is None else f"manifest.shard-{shard[0]}-of-{shard[1]}.json"
+    atomic_write_text(out / name, json.dumps(manifest, indent=2, default=str))
+    report = PredictReport(str(out), run.outcomes, str(out / name), str(csv_path))
+    if first_error is not None:
+        raise first_error
+    return report
+
+
+def _jobs(
+    run: _PredictRun,
+    sources: Sequence[SlideSource],
+    tiles_store: str | Path | None,
+    shard: tuple[int, int] | None,
+) -> list[_Job]:
+    """The slides to predict; opens ``run.store`` when they come from a tile store."""
+    if tiles_store is None:
+        return [_Job(s.name, str(s.path), s) for s in sources]
+    from histoduo.sources import select_shard
+    from histoduo.store import TileStore
+
+    run.store = TileStore(tiles_store)
+    names = run.store.slides
+    if shard is not None:
+        keep = {s.name for s in select_shard([SlideSource(Path(n)) for n in names], shard)}
+        names = [n for n in names if n in keep]
+    jobs = [_Job(name, str(tiles_store)) for name in names]
+    _check_store_resolution(run.store, jobs, run.tiling, run.say)
+    return jobs
+
+
+def _check_store_resolution(
+    store: TileStore, jobs: list[_Job], tiling: TilingParams, warn: Callable[[str], None]
+) -> None:
+    for job in jobs[:1]:
+        target_mpp = store.record(job.name).target_mpp
+        if not math.isclose(target_mpp, tiling.target_mpp, rel_tol=0.05):
+            warn(
+                f"tile store {store.path} was tiled at {target_mpp:g} um/px, "
+                f"the model expects {tiling.target_mpp:g} um/px"
+            )
+
+
+def _manifest(
+    checkpoint: str | Path,
+    meta: CheckpointMeta,
+    params: PredictParams,
+    predictor: TilePredictor,
+    workers: int,
+    outcomes: list[SlideOutcome],
+    started: float,
+    shard: tuple[int, int] | None,
+) -> dict[str, Any]:
+    import torch
+
+    from histoduo import __version__
+
+    return {
+        "histoduo_version": __version__,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "started": started,
+        "seconds": time.time() - started,
+        "checkpoint": {
+            "path": str(Path(checkpoint).resolve()) if checkpoint else None,
+            "class_names": meta.class_names,
+            "class_roles": meta.class_roles,
+            "target_mpp": meta.target_mpp,
+            "tile_size_px": meta.tile_size_px,
+            "input_size_px": meta.input_size_px,
+            "arch": meta.model_config.get("arch"),
+            "backbone": meta.model_config.get("backbone"),
+            "epoch": meta.epoch,
+            "metrics": meta.metrics,
+        },
+        "params": params.to_dict(),
+        "runtime": {
+            "device": predictor.device,
+            "precision": predictor.precision,
+            "batch_size": predictor.batch_size,
+            "workers": workers,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "shard": list(shard) if shard else None,
+        "slides": [asdict(o) for o in outcomes],
+    }

@@ -1,0 +1,385 @@
+"""Writing a tile store: one slide file at a time, TRIDENT files, assembly, merge, upgrade."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from histoduo.run.files import atomic_path, commit_path, temporary_path
+from histoduo.store.layout import (
+    IndexEntry,
+    read_index,
+    read_slide_record,
+    remove_unlisted,
+    slide_file_path,
+    store_folder,
+    trident_file_path,
+    write_index,
+)
+from histoduo.store.read import _v1_complete, store_class_names
+from histoduo.store.record import (
+    SLIDE_FILE_FORMAT,
+    SLIDES_GROUP,
+    SlideRecord,
+    StoreError,
+    StoreUpgradeNeeded,
+    group_key,
+    store_version,
+    upgrade_hint,
+    write_store_header,
+)
+
+
+@dataclass
+class SlideGroupData:
+    """Everything one slide contributes to a store, held by the single writer."""
+
+    name: str
+    source_path: str
+    coords: np.ndarray
+    tissue_fraction: np.ndarray
+    attrs: dict[str, Any]
+    coords_attrs: dict[str, Any]
+    thumbnail: np.ndarray
+    tissue_mask: np.ndarray
+    mask_downsample: float
+    labels: np.ndarray | None = None
+
+    @classmethod
+    def from_record(
+        cls,
+        record: SlideRecord,
+        coords: np.ndarray,
+        tissue_fraction: np.ndarray,
+        thumbnail: np.ndarray,
+        tissue_mask: np.ndarray,
+        mask_downsample: float,
+        labels: np.ndarray | None = None,
+    ) -> SlideGroupData:
+        return cls(
+            name=record.name,
+            source_path=record.source_path,
+            coords=coords,
+            tissue_fraction=tissue_fraction,
+            attrs=record.to_attrs(),
+            coords_attrs=record.coords_attrs(),
+            thumbnail=thumbnail,
+            tissue_mask=tissue_mask,
+            mask_downsample=mask_downsample,
+            labels=labels,
+        )
+
+
+class SlidePartWriter:
+    """Writes one slide file (CLAM's layout: datasets at the root) under a temporary name;
+    ``commit`` marks it complete, syncs it and renames it to ``final_path``.
+
+    Tiles are appended in order, in batches, by the one process that owns the file. Until
+    the rename nothing is at ``final_path``, so a kill never leaves a half-written slide
+    where a reader (histoduo, CLAM, TRIDENT) would look.
+    """
+
+    def __init__(
+        self,
+        final_path: Path,
+        data: SlideGroupData,
+        encoding: str | None,
+        tile_size_px: int,
+    ) -> None:
+        self.final_path = Path(final_path)
+        self.tmp_path = temporary_path(self.final_path)
+        self.encoding = encoding
+        self._count = 0
+        self._n = len(data.coords)
+        self.final_path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = h5py.File(self.tmp_path, "w")
+        root = self._file
+        write_store_header(root, kind=SLIDE_FILE_FORMAT)
+        for key, value in data.attrs.items():
+            root.attrs[key] = value
+        root.attrs["name"] = data.name
+        root.attrs["source_path"] = data.source_path
+        root.attrs["n_tiles"] = self._n
+        root.attrs["tile_encoding"] = encoding or "none"
+        root.attrs["complete"] = False
+        coords = root.create_dataset("coords", data=np.asarray(data.coords, dtype=np.int64))
+        for key, value in data.coords_attrs.items():
+            coords.attrs[key] = value
+        root.create_dataset(
+            "tissue_fraction", data=np.asarray(data.tissue_fraction, dtype=np.float32)
+        )
+        if data.labels is not None:
+            root.create_dataset("labels", data=np.asarray(data.labels, dtype=np.int16))
+        thumb = root.create_dataset("thumbnail", data=data.thumbnail, compression="gzip")
+        thumb.attrs["downsample"] = data.mask_downsample
+        mask = root.create_dataset(
+            "tissue_mask", data=data.tissue_mask.astype(np.uint8), compression="gzip"
+        )
+        mask.attrs["downsample"] = data.mask_downsample
+        self._pixels = None
+        if encoding == "jpeg":
+            self._pixels = root.create_dataset(
+                "jpeg", shape=(self._n,), dtype=h5py.vlen_dtype(np.uint8)
+            )
+        elif encoding == "raw":
+            shape = (self._n, tile_size_px, tile_size_px, 3)
+            self._pixels = root.create_dataset(
+                "imgs",
+                shape=shape,
+                dtype=np.uint8,
+                chunks=(1, tile_size_px, tile_size_px, 3) if self._n else None,
+            )
+
+    def append(self, tiles: Sequence[np.ndarray] | np.ndarray) -> None:
+        """Append encoded (JPEG byte arrays) or raw tiles, in coords order."""
+        n = len(tiles)
+        if n == 0 or self._pixels is None:
+            self._count += n
+            return
+        stop = self._count + n
+        if self.encoding == "raw":
+            self._pixels[self._count : stop] = np.asarray(tiles)
+        else:
+            if len({len(tile) for tile in tiles}) == 1:
+                # h5py turns equal-length byte arrays (or a single one) into a 2-D block that
+                # does not fit a 1-D vlen dataset, so those go one by one.
+                for offset, tile in enumerate(tiles):
+                    self._pixels[self._count + offset] = tile
+            else:
+                block = np.empty(n, dtype=object)
+                for i, tile in enumerate(tiles):
+                    block[i] = tile
+                self._pixels[self._count : stop] = block
+        self._count = stop
+
+    def commit(self) -> Path:
+        if self._pixels is not None and self._count != self._n:
+            raise RuntimeError(f"{self.final_path}: wrote {self._count} of {self._n} tiles")
+        self._file.attrs["complete"] = True  # last: readers trust nothing without it
+        self._file.flush()
+        self._file.close()
+        return commit_path(self.tmp_path, self.final_path)
+
+    def abort(self) -> None:
+        try:
+            self._file.close()
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
+
+
+def write_trident_coords(out_path: str | Path, coords: np.ndarray, record: SlideRecord) -> Path:
+    """A TRIDENT coordinates file: ``coords`` with TRIDENT's attributes, atomically."""
+    with atomic_path(out_path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            ds = f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
+            for key, value in record.trident_attrs().items():
+                ds.attrs[key] = value
+    return Path(out_path)
+
+
+def write_trident_file(slide_file: str | Path, out_path: str | Path) -> Path:
+    """The TRIDENT coordinates file of a slide file."""
+    with h5py.File(slide_file, "r") as src:
+        record = SlideRecord.from_attrs(dict(src.attrs), dict(src["coords"].attrs))
+        coords = src["coords"][()]
+    return write_trident_coords(out_path, coords, record)
+
+
+def install_slide_file(index_path: Path, src: Path, name: str, *, how: str = "move") -> IndexEntry:
+    """Put a complete slide file into a store's folder (``move``, ``link``: a hard link,
+    copying only across file systems, or ``copy``) and write its TRIDENT file.
+
+    The destination is replaced by a rename, so hard-linked copies in other stores never
+    change under their readers.
+    """
+    dest = slide_file_path(index_path, name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    same = dest.exists() and src.exists() and os.path.samefile(src, dest)
+    if not same:
+        if how == "move":
+            try:
+                os.replace(src, dest)
+            except OSError:  # another file system
+                _copy_in(src, dest)
+                src.unlink()
+        else:
+            tmp = temporary_path(dest)
+            try:
+                if how == "link":
+                    os.link(src, tmp)
+                else:
+                    raise OSError("copy requested")
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                _copy_in(src, dest)
+            else:
+                os.replace(tmp, dest)
+    write_trident_file(dest, trident_file_path(index_path, name))
+    record = read_slide_record(dest)
+    if record is None:
+        raise StoreError(src, f"not a complete histoduo slide file (slide {name!r})")
+    return IndexEntry.of(record, dest)
+
+
+def _copy_in(src: Path, dest: Path) -> None:
+    import shutil
+
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def convert_v1_slide(v1_path: Path, name: str, dest: Path) -> Path:
+    """A format-1 store's slide group as a format-2 slide file at ``dest`` (atomically).
+
+    The CLAM attributes are derived from what format 1 recorded: it read
+    ``round(tile_size_level0 / downsample)`` px at ``patch_level``.
+    """
+    key = group_key(name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(v1_path, "r") as src, atomic_path(dest) as tmp:
+        group = src[f"{SLIDES_GROUP}/{key}"]
+        record = SlideRecord.from_attrs(dict(group.attrs), dict(group["coords"].attrs))
+        with h5py.File(tmp, "w") as dst:
+            write_store_header(dst, kind=SLIDE_FILE_FORMAT)
+            for ds_name in group:
+                src.copy(group[ds_name], dst, name=ds_name)
+            for attr in list(dst["coords"].attrs):
+                del dst["coords"].attrs[attr]
+            for attr, value in record.coords_attrs().items():
+                dst["coords"].attrs[attr] = value
+            for attr, value in group.attrs.items():
+                dst.attrs[attr] = value
+            for attr, value in record.to_attrs().items():
+                dst.attrs[attr] = value
+            dst.attrs["complete"] = True
+    return dest
+
+
+def assemble_store(
+    out_path: Path,
+    sources: Iterable[tuple[Path, str]],
+    *,
+    link: bool = False,
+    class_names: Sequence[str] | None = None,
+) -> Path:
+    """Make ``out_path`` a store holding exactly the given (slide file, slide name) pairs.
+
+    The files are moved into the store's folder (``link=True``: hard-linked, so the sources
+    stay valid), the index is written atomically, then files of slides no longer listed are
+    removed. A killed call leaves the previous index valid.
+    """
+    out_path = Path(out_path)
+    entries: list[IndexEntry] = []
+    seen: set[str] = set()
+    for src, name in sources:
+        key = group_key(name)
+        if key in seen:
+            raise StoreError(src, f"slide {name!r} appears in more than one input")
+        seen.add(key)
+        entries.append(
+            install_slide_file(out_path, Path(src), name, how="link" if link else "move")
+        )
+    write_index(out_path, entries, class_names)
+    remove_unlisted(out_path, entries)
+    return out_path
+
+
+def _store_entries(path: Path) -> tuple[dict[str, IndexEntry], list[str], int]:
+    version = store_version(path)
+    if version is None:
+        if not path.exists():
+            raise StoreError(path, "tile store not found")
+        raise StoreError(path, "not a histoduo tile store")
+    if version < 2:
+        entries = {
+            name: IndexEntry(name, path.resolve(), f"/{SLIDES_GROUP}/{group_key(name)}")
+            for name in _v1_complete(path)
+        }
+        class_names = store_class_names(path) or []
+        return entries, class_names, version
+    entries, class_names = read_index(path)
+    return entries, class_names, version
+
+
+def merge_stores(
+    inputs: Sequence[Path], out_path: Path, *, link: bool = False, overwrite: bool = False
+) -> list[str]:
+    """Combine complete slides of several stores into one; returns the slide names.
+
+    Slide files are hard-linked into the output's folder (copied only across file systems),
+    so merging costs O(slides added), not O(store). ``out_path`` may be one of the inputs:
+    the other inputs' slides are then added to it in place. ``link=True`` lists the input
+    files in the index instead (the inputs must then stay where they are relative to it).
+    Format-1 inputs are converted slide by slide. Names must be unique; vocabularies agree.
+    """
+    out_path = Path(out_path)
+    inputs = [Path(p) for p in inputs]
+    into = [p for p in inputs if p.exists() and out_path.exists() and os.path.samefile(p, out_path)]
+    if out_path.exists() and not overwrite and not into:
+        raise StoreError(out_path, "output exists; pass --overwrite to replace it")
+    if into and store_version(out_path) == 1:
+        raise StoreUpgradeNeeded(out_path, upgrade_hint(out_path))
+    entries: dict[str, IndexEntry] = {}
+    class_names: list[str] | None = None
+    plan: list[tuple[Path, IndexEntry, int]] = []
+    for path in inputs:
+        found, names, version = _store_entries(path)
+        if names:
+            if class_names is not None and class_names != names:
+                raise StoreError(path, f"class names {names} differ from {class_names}")
+            class_names = names
+        for name, entry in found.items():
+            if name in entries or any(e.name == name for _, e, _ in plan):
+                raise StoreError(path, f"slide {name!r} appears in more than one input")
+            if into and path == into[0]:
+                entries[name] = entry
+            else:
+                plan.append((path, entry, version))
+    for path, entry, version in plan:
+        if link:
+            entries[entry.name] = entry
+        elif version < 2:
+            dest = convert_v1_slide(path, entry.name, slide_file_path(out_path, entry.name))
+            entries[entry.name] = install_slide_file(out_path, dest, entry.name)
+        else:
+            entries[entry.name] = install_slide_file(out_path, entry.file, entry.name, how="link")
+    write_index(out_path, entries.values(), class_names)
+    if not into:
+        remove_unlisted(out_path, [e for e in entries.values() if _inside(out_path, e.file)])
+    return sorted(entries)
+
+
+def _inside(index_path: Path, file: Path) -> bool:
+    try:
+        Path(file).resolve().relative_to(store_folder(index_path).resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def upgrade_store(path: str | Path) -> list[str]:
+    """Rewrite a format-1 store as format 2 at the same path; returns the slide names.
+
+    Slide files are written first, the index replaces the old file last (atomically), so a
+    killed upgrade leaves the format-1 store readable and can simply be run again.
+    """
+    path = Path(path)
+    version = store_version(path)
+    if version is None:
+        raise StoreError(path, "not a histoduo tile store")
+    if version >= 2:
+        return sorted(read_index(path)[0])
+    class_names = store_class_names(path)
+    entries = []
+    for name in sorted(_v1_complete(path)):
+        dest = convert_v1_slide(path, name, slide_file_path(path, name))
+        entries.append(install_slide_file(path, dest, name))
+    write_index(path, entries, class_names)
+    remove_unlisted(path, entries)
+    return [e.name for e in entries]
