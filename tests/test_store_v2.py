@@ -26,6 +26,7 @@ from histoduo.store import (
     StoreError,
     TileStore,
     complete_slides,
+    copy_store,
     merge_stores,
     read_index,
     read_slide_record,
@@ -378,3 +379,14 @@ def test_index_lists_thousands_of_slides(tmp_path: Path) -> None:
     assert class_names == ["a", "b"] and len(found) == 3000
     first = found["slide/00000-" + "x" * 40]
     assert first.file == folder / "s0.h5" and first.h5_path == "/"
+
+
+def test_copy_store_makes_an_independent_copy(svs_slide, tmp_path: Path) -> None:
+    out = tmp_path / "tiles.h5"
+    _tile([SlideSource(svs_slide.path)], out, TilingParams(target_mpp=1.0, tile_size_px=64))
+    copy = copy_store(out, tmp_path / "copy.h5")
+    with h5py.File(copy, "r+") as f:  # edits through the index reach the copy's slide file
+        f["slides/svs_a/tissue_fraction"][...] = 0.0
+    assert (TileStore(copy).tissue_fraction("svs_a") == 0).all()
+    assert (TileStore(out).tissue_fraction("svs_a") > 0).all()  # the original is untouched
+    assert TileStore(copy).slide_file("svs_a") == _clam_file(copy, "svs_a").resolve()

@@ -383,3 +383,23 @@ def upgrade_store(path: str | Path) -> list[str]:
     write_index(path, entries, class_names)
     remove_unlisted(path, entries)
     return [e.name for e in entries]
+
+
+def copy_store(src: str | Path, dst: str | Path) -> Path:
+    """Copy a store under another name: its slide files into ``dst``'s folder and an index
+    that lists the copies (a plain copy of ``tiles.h5`` alone would still point at the
+    original's folder). Slides listed from other stores (``merge --link``) stay links to them.
+    """
+    src, dst = Path(src), Path(dst)
+    found, class_names, version = _store_entries(src)
+    if version < 2:
+        raise StoreUpgradeNeeded(src, upgrade_hint(src))
+    entries = []
+    for name, entry in found.items():
+        if not _inside(src, entry.file):
+            entries.append(entry)
+            continue
+        install_slide_file(dst, entry.file, name, how="copy")
+        entries.append(IndexEntry(name, slide_file_path(dst, name).resolve(), "/", entry.record))
+    write_index(dst, entries, class_names or None)
+    return dst
