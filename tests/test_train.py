@@ -86,6 +86,7 @@ def test_shuffled_labels_stay_near_chance(labelled_store: Path, tmp_path: Path) 
         for group in f["slides"].values():
             labels = group["labels"][()]
             group["labels"][...] = rng.permutation(labels)
+        del group  # a live object keeps its linked slide file open (and locked) after close
     result = train(shuffled, tmp_path / "run", _config(epochs=2), model_config=SMALL,
                    progress=False)  # fmt: skip
     assert result.metrics["test_balanced_accuracy"] < 0.5  # chance is 0.25 for 4 classes
@@ -187,6 +188,7 @@ def test_bad_inputs_fail_clearly(labelled_store: Path, tmp_path: Path) -> None:
         del f.attrs["class_names"]
         for group in f["slides"].values():
             del group["labels"]
+        del group  # a live object keeps its linked slide file open (and locked) after close
     with pytest.raises(LabelError, match="no labels") as err:
         train(unlabelled, tmp_path / "r1", _config(), model_config=SMALL, progress=False)
     assert "unlabelled.h5" in str(err.value)
@@ -196,6 +198,7 @@ def test_bad_inputs_fail_clearly(labelled_store: Path, tmp_path: Path) -> None:
     with h5py.File(one_class, "r+") as f:
         for group in f["slides"].values():
             group["labels"][...] = np.where(group["labels"][()] == 3, 0, group["labels"][()])
+        del group  # a live object keeps its linked slide file open (and locked) after close
     with pytest.raises(LabelError, match="no training tiles for class"):
         train(one_class, tmp_path / "r2", _config(), model_config=SMALL, progress=False)
 

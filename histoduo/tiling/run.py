@@ -307,7 +307,6 @@ def _run_pipeline(
     detects its tissue. On the first failure without ``skip_errors`` no further slide is
     started, the started ones are finished, and the error is returned.
     """
-    pool = None if run.params.dry_run else run.pool.get()
     planner = ThreadPoolExecutor(1, thread_name_prefix="histoduo-plan")
     todo = iter(sources)
     jobs: deque[_SlideJob] = deque()
@@ -329,6 +328,8 @@ def _run_pipeline(
             first_error = exc
 
     ahead = plan_next()
+    # Started while the first slide is planned: the fork server's imports take a second.
+    pool = None if run.params.dry_run or ahead is None else run.pool.get()
     try:
         while jobs or (ahead is not None and first_error is None):
             while ahead is not None and first_error is None and len(jobs) < 2:
