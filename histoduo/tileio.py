@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from histoduo.slide import Slide, open_slide
+from histoduo.slide import Slide, open_slide, resize_rgb
 
 # What a tile worker imports; the fork server loads these once, so each worker starts
 # without paying for them (tiffslide's imports cost about a second).
@@ -37,6 +37,15 @@ def read_tile(slide: Slide, xy0: Sequence[int], size_level0: int, tile_size_px: 
     )
 
 
+def read_tile_at_level(
+    slide: Slide, xy0: Sequence[int], level: int, read_size_px: int, tile_size_px: int
+) -> np.ndarray:
+    """One tile as CLAM defines it: the ``read_size_px`` square at ``level`` whose top-left
+    is level-0 ``xy0``, resized to ``tile_size_px``."""
+    region = slide.read_region((int(xy0[0]), int(xy0[1])), level, (read_size_px, read_size_px))
+    return resize_rgb(region, (tile_size_px, tile_size_px))
+
+
 @dataclass(frozen=True)
 class ChunkTask:
     """A run of tiles of one slide for one worker to read (and encode)."""
@@ -49,6 +58,8 @@ class ChunkTask:
     tile_size_px: int
     encoding: str | None  # "jpeg", "raw" or None (decoded arrays, for prediction)
     jpeg_quality: int = 90
+    read_level: int | None = None  # with read_size_px: read exactly there (tiling)
+    read_size_px: int | None = None
 
 
 class SlideCache:
@@ -82,7 +93,11 @@ def warm_up() -> None:
 
 def read_chunk(task: ChunkTask) -> list[np.ndarray] | np.ndarray:
     slide = _cache.get(task.slide_path, task.backend, task.mpp_override)
-    tiles = [read_tile(slide, xy, task.size_level0, task.tile_size_px) for xy in task.coords]
+    if task.read_level is not None and task.read_size_px is not None:
+        level, side, size = task.read_level, task.read_size_px, task.tile_size_px
+        tiles = [read_tile_at_level(slide, xy, level, side, size) for xy in task.coords]
+    else:
+        tiles = [read_tile(slide, xy, task.size_level0, task.tile_size_px) for xy in task.coords]
     if task.encoding == "jpeg":
         return [encode_jpeg(t, task.jpeg_quality) for t in tiles]
     if not tiles:

@@ -100,5 +100,12 @@ def test_tile_store_and_reports_follow_umask(small_slide: Path, tmp_path: Path, 
         params = TilingParams(target_mpp=1.0, tile_size_px=64)
         tile_slides([SlideSource(small_slide)], out / "t.h5", params, workers=0, progress=False)
     modes = file_modes(out)
-    assert sorted(modes) == ["t.h5", "t.h5.report.csv", "t.h5.report.json"]
+    name = small_slide.stem
+    assert sorted(modes) == [
+        "t.h5",
+        f"t.h5.d/clam/patches/{name}.h5",  # the slide file and its TRIDENT twin (format 2)
+        f"t.h5.d/trident/patches/{name}_patches.h5",
+        "t.h5.report.csv",
+        "t.h5.report.json",
+    ]
     assert set(modes.values()) == {EXPECTED[mask]}, modes

@@ -13,7 +13,14 @@ from typer.testing import CliRunner
 from histoduo.cli import app
 from histoduo.slide import SlideError, open_slide
 from histoduo.sources import SlideSource, collect_sources, parse_shard, select_shard
-from histoduo.store import SlideGroupData, SlidePartWriter, StoreError, TileStore, merge_stores
+from histoduo.store import (
+    SlideGroupData,
+    SlidePartWriter,
+    StoreError,
+    TileStore,
+    merge_stores,
+    write_index,
+)
 from histoduo.tiling import TilingParams, tile_grid, tile_slides
 
 PARAMS = TilingParams(target_mpp=1.0, tile_size_px=64, min_tissue_fraction=0.25)
@@ -77,13 +84,9 @@ def test_plain_h5py_sees_trident_and_clam_attributes(svs_slide, tmp_path: Path) 
     out = tmp_path / "t.h5"
     params = TilingParams(target_mpp=0.5, tile_size_px=64, stride_px=48)
     _tile([SlideSource(svs_slide.path)], out, params)
-    with h5py.File(out, "r") as f:
-        assert f.attrs["format"] == "histoduo-tilestore"
-        group = f["slides/svs_a"]
-        assert bool(group.attrs["complete"])
-        coords = group["coords"]
-        assert coords.dtype == np.int64 and coords.shape[1] == 2
-        a = coords.attrs
+    with h5py.File(tmp_path / "t.h5.d/trident/patches/svs_a_patches.h5", "r") as f:
+        a = f["coords"].attrs  # TRIDENT's meaning: patch_size at the target
+        assert f["coords"].dtype == np.int64 and list(f) == ["coords"]
         assert a["patch_size"] == 64
         assert a["patch_size_level0"] == 128  # 64 px at 0.5 um/px over 0.25 um/px
         assert a["level0_magnification"] == pytest.approx(40)
@@ -91,7 +94,18 @@ def test_plain_h5py_sees_trident_and_clam_attributes(svs_slide, tmp_path: Path) 
         assert a["overlap"] == 16
         assert a["name"] == "svs_a"
         assert (a["level0_width"], a["level0_height"]) == (3072, 2048)
-        assert a["patch_level"] == 0
+        trident_coords = f["coords"][()]
+    with h5py.File(out, "r") as f:  # the index: HDF5 follows its links into the slide files
+        assert f.attrs["format"] == "histoduo-tilestore" and f.attrs["format_version"] == 2
+        group = f["slides/svs_a"]
+        assert bool(group.attrs["complete"])
+        coords = group["coords"]
+        assert coords.dtype == np.int64 and coords.shape[1] == 2
+        assert np.array_equal(coords[()], trident_coords)
+        a = coords.attrs  # CLAM's meaning: read patch_size px at patch_level
+        assert a["patch_size"] == 128 and a["patch_level"] == 0
+        assert "patch_size_level0" not in a  # TRIDENT names stay out of the CLAM file
+        assert a["name"] == "svs_a"
         assert list(a["downsample"]) == [1.0, 1.0]
         assert list(a["level_dim"]) == [3072, 2048]
         assert list(a["downsampled_level_dim"]) == [3072, 2048]
@@ -138,9 +152,9 @@ def test_interrupted_run_keeps_finished_slides_and_resumes(
     with TileStore(out) as store:
         assert store.slides == ["svs_a"]  # still readable, with what was finished
         assert store.read_tile("svs_a", 0).shape == (64, 64, 3)
-    # A truncated part file left behind (a hard kill) must be ignored, not trusted.
-    parts = tmp_path / "t.h5.parts"
-    parts.mkdir(exist_ok=True)
+    # A truncated slide file (a bad copy) must be ignored, not trusted.
+    parts = tmp_path / "t.h5.d" / "clam" / "patches"
+    assert [p.name for p in parts.iterdir()] == ["svs_a.h5"]  # the aborted slide left nothing
     (parts / "svs_b.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
     monkeypatch.setattr(SlidePartWriter, "append", original_append)
     resumed = _tile(sources, out)
@@ -148,13 +162,14 @@ def test_interrupted_run_keeps_finished_slides_and_resumes(
     with TileStore(out) as store:
         assert store.slides == ["svs_a", "svs_b"]
         assert store.read_tiles("svs_b", [0, 1]).shape == (2, 64, 64, 3)
-    assert not parts.exists()
+    assert sorted(p.name for p in parts.iterdir()) == ["svs_a.h5", "svs_b.h5"]
 
 
-def test_store_snapshot_left_by_a_kill_is_restored(svs_slide, tmp_path: Path) -> None:
+def test_slide_finished_before_the_index_was_written_is_adopted(svs_slide, tmp_path: Path) -> None:
     out = tmp_path / "t.h5"
     _tile([SlideSource(svs_slide.path)], out)
-    out.rename(tmp_path / "t.h5.prev")  # killed between setting the old store aside and renaming
+    write_index(out, [])  # killed after the slide file's rename, before the index listed it
+    assert TileStore(out).slides == []
     again = _tile([SlideSource(svs_slide.path)], out)
     assert [r.status for r in again.results] == ["skipped"]
     assert TileStore(out).slides == ["svs_a"]
@@ -233,8 +248,11 @@ def test_merge_shard_stores(svs_slide, svs_slide_b, tmp_path: Path, link: bool) 
     with TileStore(merged) as store, TileStore(b) as source:
         assert store.slides == ["svs_a", "svs_b"]
         assert np.array_equal(store.read_tiles("svs_b", [0, 3]), source.read_tiles("svs_b", [0, 3]))
-    if not link:
-        assert merged.stat().st_size > a.stat().st_size
+    shard_file = tmp_path / "a.h5.d/clam/patches/svs_a.h5"
+    merged_file = TileStore(merged).slide_file("svs_a")
+    # No pixels are copied either way: a hard link of the shard's file, or the file itself.
+    assert merged_file.stat().st_ino == shard_file.stat().st_ino
+    assert (merged_file == shard_file.resolve()) == link
     with pytest.raises(StoreError, match="more than one input"):
         merge_stores([a, a], tmp_path / "dup.h5")
 
@@ -345,6 +363,6 @@ def test_jpeg_blocks_of_any_shape_are_written(tmp_path: Path, lengths: list[int]
     writer.append(tiles)
     writer.commit()
     with h5py.File(tmp_path / "s.h5", "r") as f:
-        stored = f["slides/s/jpeg"]
+        stored = f["jpeg"]
         assert [len(stored[i]) for i in range(n)] == lengths
         assert all((stored[i] == i).all() for i in range(n))

@@ -17,7 +17,7 @@ from histoduo.checkpoint import load_checkpoint, load_model
 from histoduo.cli import app
 from histoduo.models import ModelConfig
 from histoduo.sources import SlideSource
-from histoduo.store import TileStore
+from histoduo.store import TileStore, copy_store
 from histoduo.synthetic import DEFAULT_CLASSES, SyntheticSlideSpec, write_synthetic_slide
 from histoduo.tiling import TilingParams, tile_slides
 from histoduo.training import LabelError, TrainConfig, evaluate, train
@@ -80,12 +80,13 @@ def test_a_small_duoformer_learns_the_synthetic_task(trained) -> None:
 
 def test_shuffled_labels_stay_near_chance(labelled_store: Path, tmp_path: Path) -> None:
     shuffled = tmp_path / "shuffled.h5"
-    shutil.copyfile(labelled_store, shuffled)
+    copy_store(labelled_store, shuffled)  # index + slide files
     rng = np.random.default_rng(0)
     with h5py.File(shuffled, "r+") as f:
         for group in f["slides"].values():
             labels = group["labels"][()]
             group["labels"][...] = rng.permutation(labels)
+        del group  # a live object keeps its linked slide file open (and locked) after close
     result = train(shuffled, tmp_path / "run", _config(epochs=2), model_config=SMALL,
                    progress=False)  # fmt: skip
     assert result.metrics["test_balanced_accuracy"] < 0.5  # chance is 0.25 for 4 classes
@@ -182,20 +183,22 @@ def test_slide_level_labels(labelled_store: Path, tmp_path: Path) -> None:
 
 def test_bad_inputs_fail_clearly(labelled_store: Path, tmp_path: Path) -> None:
     unlabelled = tmp_path / "unlabelled.h5"
-    shutil.copyfile(labelled_store, unlabelled)
+    copy_store(labelled_store, unlabelled)  # index + slide files
     with h5py.File(unlabelled, "r+") as f:
         del f.attrs["class_names"]
         for group in f["slides"].values():
             del group["labels"]
+        del group  # a live object keeps its linked slide file open (and locked) after close
     with pytest.raises(LabelError, match="no labels") as err:
         train(unlabelled, tmp_path / "r1", _config(), model_config=SMALL, progress=False)
     assert "unlabelled.h5" in str(err.value)
 
     one_class = tmp_path / "one_class.h5"
-    shutil.copyfile(labelled_store, one_class)
+    copy_store(labelled_store, one_class)  # index + slide files
     with h5py.File(one_class, "r+") as f:
         for group in f["slides"].values():
             group["labels"][...] = np.where(group["labels"][()] == 3, 0, group["labels"][()])
+        del group  # a live object keeps its linked slide file open (and locked) after close
     with pytest.raises(LabelError, match="no training tiles for class"):
         train(one_class, tmp_path / "r2", _config(), model_config=SMALL, progress=False)
 

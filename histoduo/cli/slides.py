@@ -165,7 +165,7 @@ def tile_command(
     """Detect tissue and cut tiles into one HDF5 tile store (resumable)."""
     from histoduo.cli._options import mpp_from_options
     from histoduo.slide import SlideError
-    from histoduo.store import StoreError
+    from histoduo.store import StoreError, StoreUpgradeNeeded
     from histoduo.tiling import TilingParams, summarise, tile_slides
     from histoduo.tissue import TissueParams
 
@@ -204,6 +204,8 @@ def tile_command(
             progress=not quiet,
             log=console.print,
         )
+    except StoreUpgradeNeeded as exc:
+        raise fail(str(exc)) from None
     except (SlideError, StoreError, ValueError) as exc:
         raise fail(f"{exc}\n(finished slides were saved; rerun to resume)") from None
     summary = summarise(report)
@@ -226,13 +228,16 @@ def merge_command(
         bool,
         typer.Option(
             "--link",
-            help="Use HDF5 external links instead of copying pixels (the "
-            "input files must then stay where they are).",
+            help="List the input stores' slide files in the index instead of linking them "
+            "into the output's folder (the inputs must then stay where they are).",
         ),
     ] = False,
     overwrite: Overwrite = False,
 ) -> None:
-    """Combine tile stores (e.g. from --shard jobs) into one."""
+    """Combine tile stores (e.g. from --shard jobs) into one.
+
+    Slide files are hard-linked, not copied; --out may be one of the inputs, to add the
+    other stores' slides to it in place."""
     from histoduo.store import StoreError, merge_stores
 
     try:
@@ -240,6 +245,25 @@ def merge_command(
     except StoreError as exc:
         raise fail(str(exc)) from None
     _console(stderr=True).print(f"[green]{len(names)} slides[/] in {out}")
+
+
+@app.command("upgrade-store")
+def upgrade_store_command(
+    store: Annotated[Path, typer.Argument(help="A format-1 tile store (tiles.h5).")],
+) -> None:
+    """Rewrite a format-1 tile store as format 2 in place (per-slide files CLAM and TRIDENT
+    read, beside it in STORE.d/); a killed upgrade leaves the old store readable."""
+    from histoduo.store import StoreError, store_folder, store_version, upgrade_store
+
+    try:
+        before = store_version(store)
+        names = upgrade_store(store)
+    except StoreError as exc:
+        raise fail(str(exc)) from None
+    state = "already format 2" if before == 2 else "upgraded to format 2"
+    _console(stderr=True).print(
+        f"[green]{store}[/]: {state}, {len(names)} slides in {store_folder(store)}/"
+    )
 
 
 @app.command("synth")

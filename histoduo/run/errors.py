@@ -19,3 +19,7 @@ class HistoduoError(Exception):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{path}: {reason}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Raised in worker processes and re-raised in the parent: pickle (path, reason).
+        return (type(self), (self.path, self.reason))

@@ -75,8 +75,11 @@ class LazyPool:
     def __enter__(self) -> LazyPool:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         if self._pool is not None:
-            self._pool.close()
+            if exc_type is None:
+                self._pool.close()
+            else:
+                self._pool.terminate()  # queued work of an aborted run is not waited for
             self._pool.join()
             self._pool = None

@@ -1,4 +1,4 @@
-"""Reading stores: :class:`TileStore`, and what a resume needs to know about a file."""
+"""Reading a tile store of either format: :class:`TileStore` and the resume helpers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,11 @@ from typing import Any
 import h5py
 import numpy as np
 
+from histoduo.store.layout import IndexEntry, read_index, read_slide_record, store_folder
 from histoduo.store.record import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    SLIDE_FILE_FORMAT,
     SLIDES_GROUP,
     UNLABELLED,
     SlideRecord,
@@ -22,29 +26,57 @@ from histoduo.store.record import (
 from histoduo.tileio import decode_jpeg
 
 
-def complete_slides(path: Path) -> dict[str, SlideRecord]:
-    """Names and records of the complete slides in a store or part file ({} if unreadable).
+def _v1_complete(path: Path) -> dict[str, SlideRecord]:
+    with h5py.File(path, "r") as f:
+        records = {}
+        for group in f.get(SLIDES_GROUP, {}).values():
+            if not bool(group.attrs.get("complete", False)):
+                continue
+            try:
+                record = SlideRecord.from_attrs(dict(group.attrs), dict(group["coords"].attrs))
+            except (KeyError, TypeError, ValueError):
+                continue  # a group this version cannot read is redone
+            records[record.name] = record
+        return records
 
-    Used for resume: an unreadable or truncated file counts as holding nothing.
+
+def complete_slides(path: Path) -> dict[str, SlideRecord]:
+    """Names and records of the complete slides of a store (either format) or slide file.
+
+    Used for resume: an unreadable or truncated file counts as holding nothing, and so does
+    a listed slide whose file is missing or incomplete.
     """
+    path = Path(path)
     try:
         with h5py.File(path, "r") as f:
-            check_header(f, path)
-            slides = f.get(SLIDES_GROUP)
-            if slides is None:
-                return {}
-            records = {}
-            for group in slides.values():
-                if not bool(group.attrs.get("complete", False)):
-                    continue
-                try:
-                    record = SlideRecord.from_attrs(dict(group.attrs), dict(group["coords"].attrs))
-                except (KeyError, TypeError, ValueError):
-                    continue  # a group this version cannot read is redone
-                records[record.name] = record
-            return records
+            kind = f.attrs.get("format")
+            version = int(f.attrs.get("format_version", -1))
+    except OSError:
+        return {}
+    try:
+        if kind == SLIDE_FILE_FORMAT:
+            record = read_slide_record(path)
+            return {record.name: record} if record is not None else {}
+        if kind != FORMAT_NAME or version > FORMAT_VERSION:
+            return {}
+        if version < 2:
+            return _v1_complete(path)
+        entries, _ = read_index(path)
     except (OSError, StoreError, KeyError):
         return {}
+    records = {}
+    for name, entry in entries.items():
+        # Files at their final names are complete by construction: the index's copy of the
+        # record is enough, and resuming a store of N slides opens none of them.
+        if entry.record is not None and entry.file.exists():
+            record: SlideRecord | None = entry.record
+        elif entry.h5_path == "/":
+            record = read_slide_record(entry.file)
+        else:
+            record = _v1_complete(entry.file).get(name)
+        if record is not None:
+            records[name] = record
+    return records
 
 
 def store_class_names(path: Path) -> list[str] | None:
@@ -76,48 +108,74 @@ def require_pixels(store: TileStore) -> None:
 
 
 class TileStore:
-    """Read access to a tile store; safe to open in every DataLoader worker.
+    """Read access to a tile store (either format); safe to open in every DataLoader worker.
 
-    The HDF5 handle is opened lazily and re-opened in a new process (after fork or pickling),
-    because HDF5 handles must never cross a fork.
+    HDF5 handles are opened lazily and re-opened in a new process (after fork or pickling),
+    because HDF5 handles must never cross a fork. A format-2 store keeps at most
+    ``max_open_files`` slide files open.
     """
+
+    max_open_files = 64
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.exists():
             raise StoreError(self.path, "tile store not found")
-        self._file: h5py.File | None = None
+        self._files: dict[Path, h5py.File] = {}
         self._pid = -1
-        f = self._handle()
-        self._slides = sorted(
-            str(g.attrs["name"])
-            for g in f.get(SLIDES_GROUP, {}).values()
-            if bool(g.attrs.get("complete", False))
-        )
-        raw = f.attrs.get("class_names")
-        self.class_names: list[str] = json.loads(raw) if raw else []
+        try:
+            with h5py.File(self.path, "r") as f:
+                self.version = check_header(f, self.path)
+        except OSError as exc:
+            raise StoreError(self.path, f"cannot open as HDF5 ({exc})") from exc
+        if self.version < 2:
+            entries = {
+                name: IndexEntry(name, self.path, f"/{SLIDES_GROUP}/{group_key(name)}")
+                for name in _v1_complete(self.path)
+            }
+            raw = store_class_names(self.path)
+            self.class_names: list[str] = raw or []
+        else:
+            entries, self.class_names = read_index(self.path)
+            missing = [e for e in entries.values() if not e.file.exists()]
+            if missing:
+                raise StoreError(
+                    missing[0].file,
+                    f"slide {missing[0].name!r} listed in {self.path} is missing "
+                    f"({len(missing)} missing); move or copy {self.path.name} together with "
+                    f"its folder {store_folder(self.path).name}/",
+                )
+        self._entries = entries
+        self._slides = sorted(entries)
 
     # --- handle management -------------------------------------------------------------------
-    def _handle(self) -> h5py.File:
-        if self._file is None or self._pid != os.getpid():
-            try:
-                self._file = h5py.File(self.path, "r")
-            except OSError as exc:
-                raise StoreError(self.path, f"cannot open as HDF5 ({exc})") from exc
+    def _open(self, file: Path) -> h5py.File:
+        if self._pid != os.getpid():
+            self._files = {}  # handles of the parent process are never used after a fork
             self._pid = os.getpid()
-            check_header(self._file, self.path)
-        return self._file
+        handle = self._files.get(file)
+        if handle is None:
+            if len(self._files) >= self.max_open_files:
+                oldest = next(iter(self._files))
+                self._files.pop(oldest).close()
+            try:
+                handle = h5py.File(file, "r")
+            except OSError as exc:
+                raise StoreError(file, f"cannot open as HDF5 ({exc})") from exc
+            self._files[file] = handle
+        return handle
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_file"] = None
+        state["_files"] = {}
         state["_pid"] = -1
         return state
 
     def close(self) -> None:
-        if self._file is not None and self._pid == os.getpid():
-            self._file.close()
-        self._file = None
+        if self._pid == os.getpid():
+            for handle in self._files.values():
+                handle.close()
+        self._files = {}
 
     def __enter__(self) -> TileStore:
         return self
@@ -128,13 +186,26 @@ class TileStore:
     # --- contents ------------------------------------------------------------------------------
     @property
     def slides(self) -> list[str]:
-        """Names of complete slides (incomplete groups are invisible)."""
+        """Names of complete slides (incomplete ones are invisible)."""
         return list(self._slides)
 
-    def _group(self, slide: str) -> h5py.Group:
-        if slide not in self._slides:
+    def slide_file(self, slide: str) -> Path:
+        """The file holding ``slide`` (format 2: its CLAM-layout slide file)."""
+        return self._entry(slide).file
+
+    def _entry(self, slide: str) -> IndexEntry:
+        entry = self._entries.get(slide)
+        if entry is None:
             raise KeyError(f"{self.path}: no complete slide named {slide!r}")
-        return self._handle()[f"{SLIDES_GROUP}/{group_key(slide)}"]
+        return entry
+
+    def _group(self, slide: str) -> h5py.Group:
+        entry = self._entry(slide)
+        handle = self._open(entry.file)
+        group = handle[entry.h5_path]
+        if entry.h5_path == "/" and not bool(group.attrs.get("complete", False)):
+            raise StoreError(entry.file, f"slide file of {slide!r} is not complete")
+        return group
 
     def num_tiles(self, slide: str) -> int:
         return int(self._group(slide)["coords"].shape[0])

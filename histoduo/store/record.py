@@ -1,4 +1,4 @@
-"""The store schema in code: format constants, the header, and :class:`SlideRecord`."""
+"""The store schema in code: format constants, the headers, and :class:`SlideRecord`."""
 
 from __future__ import annotations
 
@@ -16,13 +16,18 @@ from histoduo.run.errors import HistoduoError
 from histoduo.slide import mpp_to_magnification
 
 FORMAT_NAME = "histoduo-tilestore"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SLIDE_FILE_FORMAT = "histoduo-slide"  # the root of a per-slide file
 SLIDES_GROUP = "slides"
 UNLABELLED = -1
 
 
 class StoreError(HistoduoError):
     """A tile store is missing, corrupt, or not a histoduo store; names the file."""
+
+
+class StoreUpgradeNeeded(StoreError):
+    """A format-1 store where a command would add to it; the message says how to upgrade."""
 
 
 def group_key(name: str) -> str:
@@ -73,12 +78,28 @@ class SlideRecord:
     complete: bool = False
     patient: str | None = None
     histoduo_version: str = __version__
-    # Where the pixels were read (CLAM's patch_level / downsample / level_dim).
+    # Where the pixels were read (CLAM's patch_level / downsample / level_dim / patch_size).
     read_level: int = 0
     read_level_downsample: float = 1.0
     read_level_width: int | None = None  # None: level 0's
     read_level_height: int | None = None
     level0_magnification: float | None = None  # None: from slide_mpp
+    read_size_px: int | None = None  # side of the square read at read_level; None: derived
+
+    @property
+    def read_side_px(self) -> int:
+        """Side of the square region read at ``read_level`` (then resized to the tile)."""
+        if self.read_size_px is not None:
+            return self.read_size_px
+        return max(1, round(self.tile_size_level0 / self.read_level_downsample))
+
+    @property
+    def read_level_dim(self) -> tuple[int, int]:
+        width = self.read_level_width if self.read_level_width is not None else self.level0_width
+        height = (
+            self.read_level_height if self.read_level_height is not None else self.level0_height
+        )
+        return width, height
 
     def to_attrs(self) -> dict[str, Any]:
         """The slide group's HDF5 attributes."""
@@ -108,33 +129,48 @@ class SlideRecord:
         }
         if self.patient is not None:
             attrs["patient"] = self.patient  # read by split_by="patient"
+        # Format 2: the read geometry lives on the root too, so the record is self-contained.
+        attrs["read_level"] = self.read_level
+        attrs["read_level_downsample"] = self.read_level_downsample
+        attrs["read_size_px"] = self.read_side_px
+        attrs["read_level_width"], attrs["read_level_height"] = self.read_level_dim
+        attrs["level0_magnification"] = self._level0_magnification()
         return attrs
 
-    def coords_attrs(self) -> dict[str, Any]:
-        """TRIDENT and CLAM attributes of the ``coords`` dataset."""
-        level_w = self.read_level_width if self.read_level_width is not None else self.level0_width
-        level_h = (
-            self.read_level_height if self.read_level_height is not None else self.level0_height
-        )
-        level_dim = np.array([level_w, level_h], dtype=np.int64)
+    def _level0_magnification(self) -> float:
+        return float(self.level0_magnification or mpp_to_magnification(self.slide_mpp))
+
+    def clam_attrs(self) -> dict[str, Any]:
+        """``coords`` attributes with CLAM's meaning: read ``(patch_size, patch_size)`` at
+        ``patch_level`` from each coordinate, then resize to the stored tile size."""
+        level_dim = np.array(self.read_level_dim, dtype=np.int64)
         return {
-            # TRIDENT
+            "patch_size": self.read_side_px,
+            "patch_level": self.read_level,
+            "downsample": np.array([self.read_level_downsample] * 2, dtype=np.float64),
+            "downsampled_level_dim": level_dim,
+            "level_dim": level_dim.copy(),
+            "name": self.name,
+        }
+
+    def trident_attrs(self) -> dict[str, Any]:
+        """``coords`` attributes with TRIDENT's meaning: ``patch_size`` px at the target,
+        covering ``patch_size_level0`` level-0 px."""
+        return {
             "patch_size": self.tile_size_px,
             "patch_size_level0": self.tile_size_level0,
-            "level0_magnification": float(
-                self.level0_magnification or mpp_to_magnification(self.slide_mpp)
-            ),
+            "level0_magnification": self._level0_magnification(),
             "target_magnification": mpp_to_magnification(self.target_mpp),
             "overlap": max(0, self.tile_size_px - self.stride_px),
             "name": self.name,
             "level0_width": self.level0_width,
             "level0_height": self.level0_height,
-            # CLAM (patch_level/downsample: the pyramid level the tiles were read from)
-            "patch_level": self.read_level,
-            "downsample": np.array([self.read_level_downsample] * 2, dtype=np.float64),
-            "downsampled_level_dim": level_dim,
-            "level_dim": level_dim.copy(),
         }
+
+    def coords_attrs(self) -> dict[str, Any]:
+        """Attributes of the slide file's ``coords`` dataset (CLAM's; TRIDENT's live in the
+        TRIDENT file, because the two tools' ``patch_size`` mean different things)."""
+        return self.clam_attrs()
 
     @classmethod
     def from_attrs(
@@ -150,6 +186,9 @@ class SlideRecord:
 
         area = a.get("tissue_area_mm2")
         level_dim = c.get("level_dim")
+        if "read_level_width" in a:  # format 2: the root holds the read geometry
+            level_dim = [a["read_level_width"], a["read_level_height"]]
+        magnification = a.get("level0_magnification", c.get("level0_magnification"))
         return cls(
             name=str(a["name"]),
             source_path=str(a.get("source_path", "")),
@@ -172,27 +211,32 @@ class SlideRecord:
             complete=bool(a.get("complete", False)),
             patient=str(a["patient"]) if a.get("patient") is not None else None,
             histoduo_version=str(a.get("histoduo_version", "")),
-            read_level=int(c.get("patch_level", 0)),
-            read_level_downsample=float(np.ravel(c.get("downsample", [1.0]))[0]),
+            read_level=int(a.get("read_level", c.get("patch_level", 0))),
+            read_level_downsample=float(
+                a.get("read_level_downsample", np.ravel(c.get("downsample", [1.0]))[0])
+            ),
             read_level_width=int(level_dim[0]) if level_dim is not None else None,
             read_level_height=int(level_dim[1]) if level_dim is not None else None,
-            level0_magnification=(
-                float(c["level0_magnification"]) if "level0_magnification" in c else None
-            ),
+            level0_magnification=float(magnification) if magnification is not None else None,
+            read_size_px=int(a["read_size_px"]) if "read_size_px" in a else None,
         )
 
 
-def write_store_header(f: h5py.File, class_names: Sequence[str] | None = None) -> None:
-    f.attrs["format"] = FORMAT_NAME
+def write_store_header(
+    f: h5py.File, class_names: Sequence[str] | None = None, *, kind: str = FORMAT_NAME
+) -> None:
+    f.attrs["format"] = kind
     f.attrs["format_version"] = FORMAT_VERSION
     f.attrs["histoduo_version"] = __version__
     if class_names is not None:
         f.attrs["class_names"] = _json_attr(list(class_names))
 
 
-def check_header(f: h5py.File, path: Path) -> None:
-    if f.attrs.get("format") != FORMAT_NAME:
-        raise StoreError(path, "not a histoduo tile store (no 'format' attribute)")
+def check_header(f: h5py.File, path: Path, kind: str = FORMAT_NAME) -> int:
+    """The file's format version; raises unless it is a ``kind`` file this version reads."""
+    if f.attrs.get("format") != kind:
+        what = "tile store" if kind == FORMAT_NAME else "histoduo slide file"
+        raise StoreError(path, f"not a {what} (no 'format' attribute {kind!r})")
     version = int(f.attrs.get("format_version", -1))
     if version > FORMAT_VERSION:
         raise StoreError(
@@ -200,3 +244,23 @@ def check_header(f: h5py.File, path: Path) -> None:
             f"store format version {version} is newer than this histoduo reads "
             f"({FORMAT_VERSION}); upgrade histoduo",
         )
+    return version
+
+
+def store_version(path: str | Path) -> int | None:
+    """1 or 2 for a tile store (index), None for anything else (missing, not HDF5, ...)."""
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT_NAME:
+                return None
+            return int(f.attrs.get("format_version", -1))
+    except OSError:
+        return None
+
+
+def upgrade_hint(path: str | Path) -> str:
+    """Why a format-1 store cannot be added to, and the command that fixes it."""
+    return (
+        f"it is a format-1 tile store; run `histoduo upgrade-store {path}` once to rewrite it "
+        f"as format 2 (per-slide files CLAM and TRIDENT read), or pass --overwrite"
+    )

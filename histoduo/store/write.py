@@ -1,4 +1,4 @@
-"""Writing stores: one slide per part file, and stores assembled from parts, atomically."""
+"""Writing a tile store: one slide file at a time, TRIDENT files, assembly, merge, upgrade."""
 
 from __future__ import annotations
 
@@ -11,13 +11,27 @@ from typing import Any
 import h5py
 import numpy as np
 
-from histoduo.run.files import commit_path
-from histoduo.store.read import TileStore
+from histoduo.run.files import atomic_path, commit_path, temporary_path
+from histoduo.store.layout import (
+    IndexEntry,
+    read_index,
+    read_slide_record,
+    remove_unlisted,
+    slide_file_path,
+    store_folder,
+    trident_file_path,
+    write_index,
+)
+from histoduo.store.read import _v1_complete, store_class_names
 from histoduo.store.record import (
+    SLIDE_FILE_FORMAT,
     SLIDES_GROUP,
     SlideRecord,
     StoreError,
+    StoreUpgradeNeeded,
     group_key,
+    store_version,
+    upgrade_hint,
     write_store_header,
 )
 
@@ -63,9 +77,12 @@ class SlideGroupData:
 
 
 class SlidePartWriter:
-    """Writes one slide into its own HDF5 part file; ``commit`` marks it complete and renames.
+    """Writes one slide file (CLAM's layout: datasets at the root) under a temporary name;
+    ``commit`` marks it complete, syncs it and renames it to ``final_path``.
 
-    Tiles are appended in order, in batches, by the one process that owns the file.
+    Tiles are appended in order, in batches, by the one process that owns the file. Until
+    the rename nothing is at ``final_path``, so a kill never leaves a half-written slide
+    where a reader (histoduo, CLAM, TRIDENT) would look.
     """
 
     def __init__(
@@ -75,45 +92,44 @@ class SlidePartWriter:
         encoding: str | None,
         tile_size_px: int,
     ) -> None:
-        self.final_path = final_path
-        self.tmp_path = final_path.with_name(final_path.name + ".tmp")
+        self.final_path = Path(final_path)
+        self.tmp_path = temporary_path(self.final_path)
         self.encoding = encoding
         self._count = 0
         self._n = len(data.coords)
-        final_path.parent.mkdir(parents=True, exist_ok=True)
+        self.final_path.parent.mkdir(parents=True, exist_ok=True)
         self._file = h5py.File(self.tmp_path, "w")
-        write_store_header(self._file)
-        group = self._file.create_group(f"{SLIDES_GROUP}/{group_key(data.name)}")
-        self._group = group
+        root = self._file
+        write_store_header(root, kind=SLIDE_FILE_FORMAT)
         for key, value in data.attrs.items():
-            group.attrs[key] = value
-        group.attrs["name"] = data.name
-        group.attrs["source_path"] = data.source_path
-        group.attrs["n_tiles"] = self._n
-        group.attrs["tile_encoding"] = encoding or "none"
-        group.attrs["complete"] = False
-        coords = group.create_dataset("coords", data=np.asarray(data.coords, dtype=np.int64))
+            root.attrs[key] = value
+        root.attrs["name"] = data.name
+        root.attrs["source_path"] = data.source_path
+        root.attrs["n_tiles"] = self._n
+        root.attrs["tile_encoding"] = encoding or "none"
+        root.attrs["complete"] = False
+        coords = root.create_dataset("coords", data=np.asarray(data.coords, dtype=np.int64))
         for key, value in data.coords_attrs.items():
             coords.attrs[key] = value
-        group.create_dataset(
+        root.create_dataset(
             "tissue_fraction", data=np.asarray(data.tissue_fraction, dtype=np.float32)
         )
         if data.labels is not None:
-            group.create_dataset("labels", data=np.asarray(data.labels, dtype=np.int16))
-        thumb = group.create_dataset("thumbnail", data=data.thumbnail, compression="gzip")
+            root.create_dataset("labels", data=np.asarray(data.labels, dtype=np.int16))
+        thumb = root.create_dataset("thumbnail", data=data.thumbnail, compression="gzip")
         thumb.attrs["downsample"] = data.mask_downsample
-        mask = group.create_dataset(
+        mask = root.create_dataset(
             "tissue_mask", data=data.tissue_mask.astype(np.uint8), compression="gzip"
         )
         mask.attrs["downsample"] = data.mask_downsample
         self._pixels = None
         if encoding == "jpeg":
-            self._pixels = group.create_dataset(
+            self._pixels = root.create_dataset(
                 "jpeg", shape=(self._n,), dtype=h5py.vlen_dtype(np.uint8)
             )
         elif encoding == "raw":
             shape = (self._n, tile_size_px, tile_size_px, 3)
-            self._pixels = group.create_dataset(
+            self._pixels = root.create_dataset(
                 "imgs",
                 shape=shape,
                 dtype=np.uint8,
@@ -145,7 +161,7 @@ class SlidePartWriter:
     def commit(self) -> Path:
         if self._pixels is not None and self._count != self._n:
             raise RuntimeError(f"{self.final_path}: wrote {self._count} of {self._n} tiles")
-        self._group.attrs["complete"] = True  # last: readers trust nothing without it
+        self._file.attrs["complete"] = True  # last: readers trust nothing without it
         self._file.flush()
         self._file.close()
         return commit_path(self.tmp_path, self.final_path)
@@ -157,6 +173,94 @@ class SlidePartWriter:
             self.tmp_path.unlink(missing_ok=True)
 
 
+def write_trident_coords(out_path: str | Path, coords: np.ndarray, record: SlideRecord) -> Path:
+    """A TRIDENT coordinates file: ``coords`` with TRIDENT's attributes, atomically."""
+    with atomic_path(out_path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            ds = f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
+            for key, value in record.trident_attrs().items():
+                ds.attrs[key] = value
+    return Path(out_path)
+
+
+def write_trident_file(slide_file: str | Path, out_path: str | Path) -> Path:
+    """The TRIDENT coordinates file of a slide file."""
+    with h5py.File(slide_file, "r") as src:
+        record = SlideRecord.from_attrs(dict(src.attrs), dict(src["coords"].attrs))
+        coords = src["coords"][()]
+    return write_trident_coords(out_path, coords, record)
+
+
+def install_slide_file(index_path: Path, src: Path, name: str, *, how: str = "move") -> IndexEntry:
+    """Put a complete slide file into a store's folder (``move``, ``link``: a hard link,
+    copying only across file systems, or ``copy``) and write its TRIDENT file.
+
+    The destination is replaced by a rename, so hard-linked copies in other stores never
+    change under their readers.
+    """
+    dest = slide_file_path(index_path, name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    same = dest.exists() and src.exists() and os.path.samefile(src, dest)
+    if not same:
+        if how == "move":
+            try:
+                os.replace(src, dest)
+            except OSError:  # another file system
+                _copy_in(src, dest)
+                src.unlink()
+        else:
+            tmp = temporary_path(dest)
+            try:
+                if how == "link":
+                    os.link(src, tmp)
+                else:
+                    raise OSError("copy requested")
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                _copy_in(src, dest)
+            else:
+                os.replace(tmp, dest)
+    write_trident_file(dest, trident_file_path(index_path, name))
+    record = read_slide_record(dest)
+    if record is None:
+        raise StoreError(src, f"not a complete histoduo slide file (slide {name!r})")
+    return IndexEntry.of(record, dest)
+
+
+def _copy_in(src: Path, dest: Path) -> None:
+    import shutil
+
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def convert_v1_slide(v1_path: Path, name: str, dest: Path) -> Path:
+    """A format-1 store's slide group as a format-2 slide file at ``dest`` (atomically).
+
+    The CLAM attributes are derived from what format 1 recorded: it read
+    ``round(tile_size_level0 / downsample)`` px at ``patch_level``.
+    """
+    key = group_key(name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(v1_path, "r") as src, atomic_path(dest) as tmp:
+        group = src[f"{SLIDES_GROUP}/{key}"]
+        record = SlideRecord.from_attrs(dict(group.attrs), dict(group["coords"].attrs))
+        with h5py.File(tmp, "w") as dst:
+            write_store_header(dst, kind=SLIDE_FILE_FORMAT)
+            for ds_name in group:
+                src.copy(group[ds_name], dst, name=ds_name)
+            for attr in list(dst["coords"].attrs):
+                del dst["coords"].attrs[attr]
+            for attr, value in record.coords_attrs().items():
+                dst["coords"].attrs[attr] = value
+            for attr, value in group.attrs.items():
+                dst.attrs[attr] = value
+            for attr, value in record.to_attrs().items():
+                dst.attrs[attr] = value
+            dst.attrs["complete"] = True
+    return dest
+
+
 def assemble_store(
     out_path: Path,
     sources: Iterable[tuple[Path, str]],
@@ -164,34 +268,43 @@ def assemble_store(
     link: bool = False,
     class_names: Sequence[str] | None = None,
 ) -> Path:
-    """Write a store holding the given (file, slide name) groups, atomically.
+    """Make ``out_path`` a store holding exactly the given (slide file, slide name) pairs.
 
-    ``link=True`` makes HDF5 external links to the source files instead of copying pixels;
-    the sources must then stay where they are (paths are stored relative to the store).
+    The files are moved into the store's folder (``link=True``: hard-linked, so the sources
+    stay valid), the index is written atomically, then files of slides no longer listed are
+    removed. A killed call leaves the previous index valid.
     """
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path = Path(out_path)
+    entries: list[IndexEntry] = []
     seen: set[str] = set()
-    try:
-        with h5py.File(tmp, "w") as dst:
-            write_store_header(dst, class_names)
-            slides = dst.create_group(SLIDES_GROUP)
-            for src_path, name in sources:
-                key = group_key(name)
-                if key in seen:
-                    raise StoreError(src_path, f"slide {name!r} appears in more than one input")
-                seen.add(key)
-                if link:
-                    rel = os.path.relpath(src_path.resolve(), out_path.resolve().parent)
-                    slides[key] = h5py.ExternalLink(rel, f"/{SLIDES_GROUP}/{key}")
-                    continue
-                with h5py.File(src_path, "r") as src:
-                    src.copy(src[f"{SLIDES_GROUP}/{key}"], slides, name=key)
-        commit_path(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    for src, name in sources:
+        key = group_key(name)
+        if key in seen:
+            raise StoreError(src, f"slide {name!r} appears in more than one input")
+        seen.add(key)
+        entries.append(
+            install_slide_file(out_path, Path(src), name, how="link" if link else "move")
+        )
+    write_index(out_path, entries, class_names)
+    remove_unlisted(out_path, entries)
     return out_path
+
+
+def _store_entries(path: Path) -> tuple[dict[str, IndexEntry], list[str], int]:
+    version = store_version(path)
+    if version is None:
+        if not path.exists():
+            raise StoreError(path, "tile store not found")
+        raise StoreError(path, "not a histoduo tile store")
+    if version < 2:
+        entries = {
+            name: IndexEntry(name, path.resolve(), f"/{SLIDES_GROUP}/{group_key(name)}")
+            for name in _v1_complete(path)
+        }
+        class_names = store_class_names(path) or []
+        return entries, class_names, version
+    entries, class_names = read_index(path)
+    return entries, class_names, version
 
 
 def merge_stores(
@@ -199,21 +312,94 @@ def merge_stores(
 ) -> list[str]:
     """Combine complete slides of several stores into one; returns the slide names.
 
-    Slide names must be unique across inputs. Class vocabularies must agree.
+    Slide files are hard-linked into the output's folder (copied only across file systems),
+    so merging costs O(slides added), not O(store). ``out_path`` may be one of the inputs:
+    the other inputs' slides are then added to it in place. ``link=True`` lists the input
+    files in the index instead (the inputs must then stay where they are relative to it).
+    Format-1 inputs are converted slide by slide. Names must be unique; vocabularies agree.
     """
-    if out_path.exists() and not overwrite:
+    out_path = Path(out_path)
+    inputs = [Path(p) for p in inputs]
+    into = [p for p in inputs if p.exists() and out_path.exists() and os.path.samefile(p, out_path)]
+    if out_path.exists() and not overwrite and not into:
         raise StoreError(out_path, "output exists; pass --overwrite to replace it")
-    sources: list[tuple[Path, str]] = []
+    if into and store_version(out_path) == 1:
+        raise StoreUpgradeNeeded(out_path, upgrade_hint(out_path))
+    entries: dict[str, IndexEntry] = {}
     class_names: list[str] | None = None
+    plan: list[tuple[Path, IndexEntry, int]] = []
     for path in inputs:
-        with TileStore(path) as store:
-            names = store.slides
-            if store.class_names:
-                if class_names is not None and class_names != store.class_names:
-                    raise StoreError(
-                        path, f"class names {store.class_names} differ from {class_names}"
-                    )
-                class_names = store.class_names
-        sources.extend((path, name) for name in names)
-    assemble_store(out_path, sources, link=link, class_names=class_names)
-    return [name for _, name in sources]
+        found, names, version = _store_entries(path)
+        if names:
+            if class_names is not None and class_names != names:
+                raise StoreError(path, f"class names {names} differ from {class_names}")
+            class_names = names
+        for name, entry in found.items():
+            if name in entries or any(e.name == name for _, e, _ in plan):
+                raise StoreError(path, f"slide {name!r} appears in more than one input")
+            if into and path == into[0]:
+                entries[name] = entry
+            else:
+                plan.append((path, entry, version))
+    for path, entry, version in plan:
+        if link:
+            entries[entry.name] = entry
+        elif version < 2:
+            dest = convert_v1_slide(path, entry.name, slide_file_path(out_path, entry.name))
+            entries[entry.name] = install_slide_file(out_path, dest, entry.name)
+        else:
+            entries[entry.name] = install_slide_file(out_path, entry.file, entry.name, how="link")
+    write_index(out_path, entries.values(), class_names)
+    if not into:
+        remove_unlisted(out_path, [e for e in entries.values() if _inside(out_path, e.file)])
+    return sorted(entries)
+
+
+def _inside(index_path: Path, file: Path) -> bool:
+    try:
+        Path(file).resolve().relative_to(store_folder(index_path).resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def upgrade_store(path: str | Path) -> list[str]:
+    """Rewrite a format-1 store as format 2 at the same path; returns the slide names.
+
+    Slide files are written first, the index replaces the old file last (atomically), so a
+    killed upgrade leaves the format-1 store readable and can simply be run again.
+    """
+    path = Path(path)
+    version = store_version(path)
+    if version is None:
+        raise StoreError(path, "not a histoduo tile store")
+    if version >= 2:
+        return sorted(read_index(path)[0])
+    class_names = store_class_names(path)
+    entries = []
+    for name in sorted(_v1_complete(path)):
+        dest = convert_v1_slide(path, name, slide_file_path(path, name))
+        entries.append(install_slide_file(path, dest, name))
+    write_index(path, entries, class_names)
+    remove_unlisted(path, entries)
+    return [e.name for e in entries]
+
+
+def copy_store(src: str | Path, dst: str | Path) -> Path:
+    """Copy a store under another name: its slide files into ``dst``'s folder and an index
+    that lists the copies (a plain copy of ``tiles.h5`` alone would still point at the
+    original's folder). Slides listed from other stores (``merge --link``) stay links to them.
+    """
+    src, dst = Path(src), Path(dst)
+    found, class_names, version = _store_entries(src)
+    if version < 2:
+        raise StoreUpgradeNeeded(src, upgrade_hint(src))
+    entries = []
+    for name, entry in found.items():
+        if not _inside(src, entry.file):
+            entries.append(entry)
+            continue
+        install_slide_file(dst, entry.file, name, how="copy")
+        entries.append(IndexEntry(name, slide_file_path(dst, name).resolve(), "/", entry.record))
+    write_index(dst, entries, class_names or None)
+    return dst

@@ -14,13 +14,20 @@ from histoduo.tissue import NoTissueError, TissueMask
 
 @dataclass(frozen=True)
 class TileGeometry:
-    """A slide's tile footprint: sizes in level-0 px and the level tiles are read from."""
+    """A slide's tile footprint: sizes in level-0 px and the level tiles are read from.
+
+    Each tile is the square of ``read_size_px`` px read at ``read_level`` (an integer square,
+    so CLAM's ``read_region(xy, patch_level, (patch_size, patch_size))`` reads exactly the
+    same pixels), resized to the tile size; ``tile_size_level0`` is that square's level-0
+    footprint.
+    """
 
     slide_mpp: float
     tile_size_level0: int
     stride_level0: int
     read_level: int
     read_level_downsample: float
+    read_size_px: int
 
     @classmethod
     def for_slide(cls, slide: Slide, params: TilingParams) -> TileGeometry:
@@ -32,10 +39,15 @@ class TileGeometry:
                 f"target resolution {params.target_mpp:g} um/px is finer than the slide's own "
                 f"{slide_mpp:g} um/px; choose --mpp >= {slide_mpp:g} (or a lower --mag)",
             )
-        size0 = max(1, round(params.tile_size_px * scale))
-        stride0 = max(1, round(params.effective_stride_px * scale))
         level = slide.best_level_for_downsample(scale)
-        return cls(slide_mpp, size0, stride0, level, slide.level_downsamples[level])
+        level_ds = slide.level_downsamples[level]
+        # Whole pixels of the read level, for the footprint and for the grid step: corners
+        # then fall on that level's pixel grid, where every reader rounds them the same way.
+        read_px = max(1, round(params.tile_size_px * scale / level_ds))
+        stride_read_px = max(1, round(params.effective_stride_px * scale / level_ds))
+        size0 = max(1, round(read_px * level_ds))
+        stride0 = max(1, round(stride_read_px * level_ds))
+        return cls(slide_mpp, size0, stride0, level, level_ds, read_px)
 
 
 def tile_grid(width0: int, height0: int, size0: int, stride0: int) -> np.ndarray:

@@ -1,17 +1,23 @@
-"""The ``tile`` run: slides -> tissue -> tiles -> one HDF5 store, resumable slide by slide.
+"""The ``tile`` run: slides -> tissue -> tiles -> a format-2 tile store, resumable slide by slide.
 
 Worker processes open the slide themselves, read each tile from the pyramid level just finer
-than the target, resize and encode it; the parent process is the single HDF5 writer. Each slide
-goes to its own part file first, so a killed run loses at most the slide it was on.
+than the target, resize and encode it; the parent process is the single HDF5 writer. Slides
+flow through the workers as one stream (see ``_run_pipeline``): while the parent writes one
+slide, the next slide's tiles are already queued behind it and the one after is being opened
+and its tissue detected in a planner thread, so no worker waits at a slide boundary.
+
+Each slide is written to its own file under a temporary name and renamed when complete; the
+index is rewritten (atomically) every few seconds and at the end. A kill -9 therefore loses at
+most the slides in progress, and a rerun adopts finished slides the index did not list yet.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +27,31 @@ from histoduo import __version__, tileio
 from histoduo.run.errors import HistoduoError
 from histoduo.run.pool import LazyPool, default_workers
 from histoduo.run.progress import SlideProgress
-from histoduo.run.slides import run_slides
+from histoduo.run.slides import status_of
 from histoduo.slide import SlideError
 from histoduo.sources import SlideSource
 from histoduo.store import (
+    IndexEntry,
     SlideGroupData,
     SlidePartWriter,
     SlideRecord,
     StoreError,
-    assemble_store,
+    StoreUpgradeNeeded,
     complete_slides,
-    group_key,
     is_store,
+    orphan_slides,
+    read_index,
+    remove_temporary,
+    remove_unlisted,
+    slide_file_path,
     store_class_names,
+    store_folder,
+    store_version,
+    trident_file_path,
+    upgrade_hint,
+    write_index,
+    write_trident_coords,
+    write_trident_file,
 )
 from histoduo.tiling.geometry import TileGeometry, open_overview, plan_tiles, require_tiles
 from histoduo.tiling.labels import Labeller
@@ -42,10 +60,12 @@ from histoduo.tiling.report import SlideResult, TilingReport
 from histoduo.tissue import NoTissueError, detect_tissue
 
 _CHUNK_TILES = 16  # small enough that the last chunks balance across workers
+_INDEX_EVERY_S = 5.0  # finished slides reach the index at least this often
 
 
 def parts_dir_for(out_path: Path) -> Path:
-    return out_path.with_name(out_path.name + ".parts")
+    """Where a store's per-slide files live (format 2: the store's folder)."""
+    return store_folder(out_path)
 
 
 def _slide_extra(source: SlideSource, labels: Any) -> dict[str, Any]:
@@ -64,38 +84,24 @@ class _TileRun:
     labelled_only: bool
     class_names: list[str] | None
     existing: dict[str, SlideRecord]
+    entries: dict[str, IndexEntry]  # what the index will list
     pool: LazyPool
     bars: Any = None
     log: Any = None
     results: list[SlideResult] = field(default_factory=list)
-    done_parts: list[tuple[Path, str]] = field(default_factory=list)
-
-    def part_path(self, source: SlideSource) -> Path:
-        return parts_dir_for(self.out_path) / f"{group_key(source.name)}.h5"
+    index_written: float = 0.0
+    changed: bool = False
 
     def fingerprint(self, source: SlideSource) -> str:
         return self.params.fingerprint(_slide_extra(source, self.class_names))
 
     def resumed(self, source: SlideSource) -> bool:
-        """Records a skip when the store (or a part file) already holds this slide."""
-        fingerprint = self.fingerprint(source)
+        """Records a skip when the store already holds this slide with these parameters."""
         record = self.existing.get(source.name)
-        if not self.overwrite and record is not None and record.fingerprint == fingerprint:
-            self.results.append(_skipped(source, record))
-            return True
-        part_path = self.part_path(source)
-        record = None if self.overwrite else complete_slides(part_path).get(source.name)
-        if record is not None and record.fingerprint == fingerprint:
-            self.done_parts.append((part_path, source.name))
-            self.results.append(_skipped(source, record))
-            return True
-        return False
-
-    def process(self, source: SlideSource) -> None:
-        pool = None if self.params.dry_run else self.pool.get()
-        result = _tile_one_slide(source, self.part_path(source), self, pool)
-        self.results.append(result)
-        self.done_parts.append((self.part_path(source), source.name))
+        if self.overwrite or record is None or record.fingerprint != self.fingerprint(source):
+            return False
+        self.results.append(_skipped(source, record))
+        return True
 
     def failed(self, source: SlideSource, exc: HistoduoError, status: str, seconds: float) -> None:
         self.results.append(
@@ -103,6 +109,18 @@ class _TileRun:
         )
         if self.log is not None:
             self.log(f"[red]{exc}[/]")
+
+    def add(self, entry: IndexEntry) -> None:
+        """A committed slide: listed by the next index write (soon, or at the end)."""
+        self.entries[entry.name] = entry
+        self.changed = True
+        if time.monotonic() - self.index_written >= _INDEX_EVERY_S:
+            self.write_index()
+
+    def write_index(self) -> None:
+        write_index(self.out_path, self.entries.values(), self.class_names)
+        self.index_written = time.monotonic()
+        self.changed = False
 
 
 def tile_slides(
@@ -120,91 +138,81 @@ def tile_slides(
     progress: bool = True,
     log: Any = None,
 ) -> TilingReport:
-    """Tile every slide into one store at ``out_path``; returns (and writes) the run report.
+    """Tile every slide into the store at ``out_path``; returns (and writes) the run report.
 
     Complete slides already in the store with the same parameters are skipped (unless
     ``overwrite``); slides whose previous run was interrupted are redone. Without
     ``skip_errors`` the first failing slide stops the run after the slides finished so far
-    have been saved, and a SlideError is raised.
+    have been saved, and a SlideError is raised. Only the slides tiled and the index are
+    written: the other slides' files are not touched.
     """
     out_path = Path(out_path)
     workers = default_workers() if workers is None else workers
-    parts_dir = parts_dir_for(out_path)
     labeller = Labeller.from_dir(annotations_dir, params, class_names) if annotations_dir else None
-    parts_dir.mkdir(parents=True, exist_ok=True)  # after inputs check out
     names = labeller.class_names if labeller else None
-
-    snapshot = out_path.with_name(out_path.name + ".prev")
-    if snapshot.exists() and not out_path.exists():
-        os.replace(snapshot, out_path)  # a run killed mid-replace: the old store is intact
-    existing = {} if overwrite or not out_path.exists() else complete_slides(out_path)
-    if names is None and existing:
+    existing, entries = _existing_slides(out_path, overwrite)
+    if names is None and existing and out_path.exists():
         names = store_class_names(out_path)
-    if out_path.exists() and not overwrite and not existing and not is_store(out_path):
-        raise StoreError(out_path, "exists and is not a histoduo tile store; pass --overwrite")
     pool = LazyPool(workers, tileio.WORKER_PRELOAD, initializer=tileio.warm_up)
     run = _TileRun(
-        out_path, params, backend, overwrite, labeller, labelled_only, names, existing, pool
-    )
+        out_path, params, backend, overwrite, labeller, labelled_only, names, existing, entries,
+        pool,
+    )  # fmt: skip
     run.log = log
-    with pool, SlideProgress(progress, len(sources)) as bars:
-        run.bars = bars
-        first_error = run_slides(
-            sources,
-            process=run.process,
-            failed=run.failed,
-            resumed=run.resumed,
-            skip_errors=skip_errors,
-            finished=lambda source: bars.slide_done(),
-            errors=(SlideError,),
-        )
-    _finish_store(run)
-    report = TilingReport(str(out_path), params.to_dict(), run.results)
+    run.changed = not out_path.exists() or len(entries) != len(_listed(out_path))
+    first_error = None
+    try:
+        with pool, SlideProgress(progress, len(sources)) as bars:
+            run.bars = bars
+            first_error = _run_pipeline(sources, run, skip_errors)
+    finally:
+        # Every listed slide is complete, so the index is safe to write even when stopping.
+        if run.changed or not out_path.exists():
+            run.write_index()
+        if overwrite:
+            remove_unlisted(out_path, run.entries.values())
+    order = {source.name: i for i, source in reversed(list(enumerate(sources)))}
+    results = sorted(run.results, key=lambda r: order.get(r.slide, len(order)))  # input order
+    report = TilingReport(str(out_path), params.to_dict(), results)
     report.write(out_path)
     if first_error is not None:
         raise first_error
     return report
 
 
-def _finish_store(run: _TileRun) -> None:
-    """The new store: the complete slides it keeps plus this run's parts, written atomically.
-
-    --overwrite rebuilds it from this run's slides only.
-    """
-    out_path = run.out_path
-    redone = {name for _, name in run.done_parts}
-    kept = [] if run.overwrite else [n for n in run.existing if n not in redone]
-    if run.done_parts or set(kept) != set(run.existing) or not out_path.exists():
-        _replace_store(out_path, kept, run.done_parts, run.class_names)
-    for part_path, _ in run.done_parts:
-        part_path.unlink(missing_ok=True)
-    parts_dir = parts_dir_for(out_path)
-    if parts_dir.exists() and not any(parts_dir.iterdir()):
-        shutil.rmtree(parts_dir, ignore_errors=True)
-
-
-def _replace_store(
-    out_path: Path,
-    kept: list[str],
-    parts: list[tuple[Path, str]],
-    class_names: list[str] | None,
-) -> None:
-    """Assemble kept slides of the current store and new parts into a new store, atomically.
-
-    The current store is renamed aside first (so it is never read while being replaced) and
-    put back if assembly fails.
-    """
-    if not kept:
-        assemble_store(out_path, parts, class_names=class_names)
-        return
-    snapshot = out_path.with_name(out_path.name + ".prev")
-    os.replace(out_path, snapshot)
+def _listed(out_path: Path) -> dict[str, IndexEntry]:
     try:
-        assemble_store(out_path, [(snapshot, n) for n in kept] + parts, class_names=class_names)
-    except BaseException:
-        os.replace(snapshot, out_path)
-        raise
-    snapshot.unlink()
+        return read_index(out_path)[0] if store_version(out_path) == 2 else {}
+    except (OSError, StoreError):
+        return {}
+
+
+def _existing_slides(
+    out_path: Path, overwrite: bool
+) -> tuple[dict[str, SlideRecord], dict[str, IndexEntry]]:
+    """(records of complete slides to resume from, index entries to keep)."""
+    if not out_path.exists():
+        version = None
+    else:
+        version = store_version(out_path)
+        if version is None and not overwrite:
+            if is_store(out_path):
+                raise StoreError(out_path, "not a tile store this histoduo reads")
+            raise StoreError(out_path, "exists and is not a histoduo tile store; pass --overwrite")
+        if version == 1 and not overwrite:
+            raise StoreUpgradeNeeded(out_path, upgrade_hint(out_path))
+    remove_temporary(out_path)  # a killed writer's; never trusted
+    if overwrite:
+        return {}, {}
+    listed = _listed(out_path) if version == 2 else {}
+    existing = complete_slides(out_path) if version == 2 else {}
+    entries = {name: replace(listed[name], record=existing[name]) for name in existing}
+    for name, record in orphan_slides(out_path, listed).items():
+        path = slide_file_path(out_path, name)
+        write_trident_file(path, trident_file_path(out_path, name))  # may have been cut short
+        existing[name] = record
+        entries[name] = IndexEntry.of(record, path)
+    return existing, entries
 
 
 def _skipped(source: SlideSource, record: SlideRecord) -> SlideResult:
@@ -273,13 +281,87 @@ def _plan_slide(source: SlideSource, run: _TileRun) -> _PlannedSlide:
             read_level_width=level_w,
             read_level_height=level_h,
             level0_magnification=slide.magnification,
+            read_size_px=geometry.read_size_px,
         )
     return _PlannedSlide(geometry, mask, coords, fractions, labels, record)
 
 
-def _tile_one_slide(source: SlideSource, part_path: Path, run: _TileRun, pool: Any) -> SlideResult:
-    started = time.perf_counter()
-    plan = _plan_slide(source, run)
+@dataclass
+class _SlideJob:
+    """A started slide: its file is open and its tiles are queued for the workers."""
+
+    source: SlideSource
+    plan: _PlannedSlide
+    writer: SlidePartWriter
+    blocks: Iterator[list[np.ndarray] | np.ndarray]
+    started: float
+
+
+def _run_pipeline(
+    sources: Sequence[SlideSource], run: _TileRun, skip_errors: bool
+) -> HistoduoError | None:
+    """Tile ``sources`` in order; returns the error that stopped the run, or None.
+
+    Two slides are in the pool at once: the one being written and the next, whose chunks sit
+    in the queue behind it; a planner thread meanwhile opens the slide after that and
+    detects its tissue. On the first failure without ``skip_errors`` no further slide is
+    started, the started ones are finished, and the error is returned.
+    """
+    planner = ThreadPoolExecutor(1, thread_name_prefix="histoduo-plan")
+    todo = iter(sources)
+    jobs: deque[_SlideJob] = deque()
+    first_error: HistoduoError | None = None
+
+    def plan_next() -> tuple[SlideSource, Future[_PlannedSlide], float] | None:
+        for source in todo:
+            if run.resumed(source):
+                run.bars.slide_done()
+                continue
+            return source, planner.submit(_plan_slide, source, run), time.perf_counter()
+        return None
+
+    def failed(source: SlideSource, exc: HistoduoError, started: float) -> None:
+        nonlocal first_error
+        run.failed(source, exc, status_of(exc), time.perf_counter() - started)
+        run.bars.slide_done()
+        if not skip_errors and first_error is None:
+            first_error = exc
+
+    ahead = plan_next()
+    # Started while the first slide is planned: the fork server's imports take a second.
+    pool = None if run.params.dry_run or ahead is None else run.pool.get()
+    try:
+        while jobs or (ahead is not None and first_error is None):
+            while ahead is not None and first_error is None and len(jobs) < 2:
+                source, future, started = ahead
+                ahead = plan_next()  # planned while the workers read the slides before it
+                try:
+                    job = _start_slide(source, future.result(), run, pool, started)
+                except SlideError as exc:
+                    failed(source, exc, started)
+                else:
+                    jobs.append(job)
+            if not jobs:
+                continue
+            job = jobs.popleft()
+            try:
+                run.results.append(_finish_slide(job, run))
+            except SlideError as exc:
+                failed(job.source, exc, job.started)
+            else:
+                run.bars.slide_done()
+    except BaseException:
+        for job in jobs:
+            job.writer.abort()
+        raise
+    finally:
+        planner.shutdown(wait=True, cancel_futures=True)
+    return first_error
+
+
+def _start_slide(
+    source: SlideSource, plan: _PlannedSlide, run: _TileRun, pool: Any, started: float
+) -> _SlideJob:
     data = SlideGroupData.from_record(
         plan.record,
         coords=plan.coords,
@@ -291,40 +373,54 @@ def _tile_one_slide(source: SlideSource, part_path: Path, run: _TileRun, pool: A
     )
     params = run.params
     encoding = None if params.dry_run else params.encoding
-    writer = SlidePartWriter(part_path, data, encoding, params.tile_size_px)
+    writer = SlidePartWriter(
+        slide_file_path(run.out_path, source.name), data, encoding, params.tile_size_px
+    )
+    if encoding is None:
+        blocks: Iterator[Any] = iter(())
+    else:
+        blocks = _tile_blocks(source, plan, params, run.backend, pool)
+    return _SlideJob(source, plan, writer, blocks, started)
+
+
+def _finish_slide(job: _SlideJob, run: _TileRun) -> SlideResult:
+    source, plan, writer = job.source, job.plan, job.writer
     try:
         run.bars.start_slide(source.name, len(plan.coords))
-        if encoding is not None:
-            written = 0
-            t0 = time.perf_counter()
-            blocks = _tile_blocks(source, plan.coords, plan.geometry, params, run.backend, pool)
-            for block in blocks:
-                writer.append(block)
-                written += len(block)
-                run.bars.advance_tiles(len(block), written / max(time.perf_counter() - t0, 1e-9))
-        writer.commit()
+        written = 0
+        t0 = time.perf_counter()
+        for block in job.blocks:
+            writer.append(block)
+            written += len(block)
+            run.bars.advance_tiles(len(block), written / max(time.perf_counter() - t0, 1e-9))
+        path = writer.commit()
     except BaseException:
         writer.abort()
         raise
+    write_trident_coords(trident_file_path(run.out_path, source.name), plan.coords, plan.record)
+    encoding = "none" if run.params.dry_run else run.params.encoding
+    record = replace(plan.record, n_tiles=len(plan.coords), tile_encoding=encoding, complete=True)
+    run.add(IndexEntry.of(record, path))  # the record as the file now holds it
     return SlideResult(
         source.name,
         str(source.path),
         "done",
         n_tiles=len(plan.coords),
         tissue_area_mm2=plan.record.tissue_area_mm2,
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - job.started,
     )
 
 
 def _tile_blocks(
     source: SlideSource,
-    coords: np.ndarray,
-    geometry: TileGeometry,
+    plan: _PlannedSlide,
     params: TilingParams,
     backend: str,
     pool: Any,
 ) -> Iterator[list[np.ndarray] | np.ndarray]:
-    tasks = (
+    """The slide's tiles in order, in blocks; with a pool, dispatched right away."""
+    coords, geometry = plan.coords, plan.geometry
+    tasks = [
         tileio.ChunkTask(
             str(source.path),
             backend,
@@ -334,12 +430,17 @@ def _tile_blocks(
             params.tile_size_px,
             params.encoding,
             params.jpeg_quality,
+            read_level=geometry.read_level,
+            read_size_px=geometry.read_size_px,
         )
         for start in range(0, len(coords), _CHUNK_TILES)
-    )
+    ]
     if pool is not None:
-        yield from pool.imap(tileio.read_chunk, tasks)
-        return
+        return pool.imap(tileio.read_chunk, tasks)
+    return _in_process(tasks)
+
+
+def _in_process(tasks: list[tileio.ChunkTask]) -> Iterator[list[np.ndarray] | np.ndarray]:
     try:
         for task in tasks:
             yield tileio.read_chunk(task)
