@@ -575,11 +575,21 @@ def test_path_traversal_csv_path(cohort: Path, tmp_path: Path) -> None:
 
 
 def test_path_traversal_store_slide_name(store: Path, checkpoint: Path, tmp_path: Path) -> None:
-    crafted = tmp_path / "crafted.h5"
-    shutil.copy(store, crafted)
-    with h5py.File(crafted, "r+") as f:  # as a store written for that slide name would be
-        f.move("slides/slide0", "slides/.._.._escaped")
-        f["slides/.._.._escaped"].attrs["name"] = "../../escaped"
+    from dataclasses import replace
+
+    from histoduo.store import copy_store, read_index, write_index
+
+    crafted = copy_store(store, tmp_path / "crafted.h5")
+    entries, class_names = read_index(crafted)
+    # As an index written for that slide name would be: the hostile name in the index and in
+    # the slide file's record.
+    slide0 = entries.pop("slide0")
+    hostile = replace(
+        slide0, name="../../escaped", record=replace(slide0.record, name="../../escaped")
+    )
+    with h5py.File(slide0.file, "r+") as f:
+        f.attrs["name"] = "../../escaped"
+    write_index(crafted, [*entries.values(), hostile], class_names)
     out = tmp_path / "a" / "b" / "out"
     fails("predict", "-m", checkpoint, "--tiles", crafted, "-o", out, *PREDICT,
           mentions=("'../../escaped'", "outside"))  # fmt: skip

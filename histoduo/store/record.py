@@ -258,6 +258,19 @@ def store_version(path: str | Path) -> int | None:
         return None
 
 
+def not_a_store_error(path: str | Path) -> StoreError:
+    """Why ``path`` (for which :func:`store_version` gave None) is not a store, in words."""
+    path = Path(path)
+    if not path.exists():
+        return StoreError(path, "tile store not found")
+    try:
+        with h5py.File(path, "r"):
+            pass
+    except OSError as exc:  # truncated, random bytes, another format
+        return StoreError(path, f"cannot open as HDF5 ({exc})")
+    return StoreError(path, "an HDF5 file but not a histoduo tile store")
+
+
 def upgrade_hint(path: str | Path) -> str:
     """Why a format-1 store cannot be added to, and the command that fixes it."""
     return (

@@ -30,6 +30,7 @@ from histoduo.store.record import (
     StoreError,
     StoreUpgradeNeeded,
     group_key,
+    not_a_store_error,
     store_version,
     upgrade_hint,
     write_store_header,
@@ -293,9 +294,7 @@ def assemble_store(
 def _store_entries(path: Path) -> tuple[dict[str, IndexEntry], list[str], int]:
     version = store_version(path)
     if version is None:
-        if not path.exists():
-            raise StoreError(path, "tile store not found")
-        raise StoreError(path, "not a histoduo tile store")
+        raise not_a_store_error(path)
     if version < 2:
         entries = {
             name: IndexEntry(name, path.resolve(), f"/{SLIDES_GROUP}/{group_key(name)}")
@@ -372,7 +371,7 @@ def upgrade_store(path: str | Path) -> list[str]:
     path = Path(path)
     version = store_version(path)
     if version is None:
-        raise StoreError(path, "not a histoduo tile store")
+        raise not_a_store_error(path)
     if version >= 2:
         return sorted(read_index(path)[0])
     class_names = store_class_names(path)
