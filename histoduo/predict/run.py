@@ -38,7 +38,7 @@ from histoduo.predict.scoring import (
 )
 from histoduo.prefetch import Prefetcher
 from histoduo.run.errors import HistoduoError
-from histoduo.run.files import atomic_write_text
+from histoduo.run.files import atomic_write_text, remove_stale_temporaries
 from histoduo.run.slides import run_slides
 from histoduo.slide import SlideError
 from histoduo.sources import SlideSource
@@ -181,6 +181,7 @@ def predict_run(
     try:
         jobs = _jobs(run, sources, tiles_store, shard)
         out.mkdir(parents=True, exist_ok=True)  # once model, options and inputs check out
+        remove_stale_temporaries(out)  # a killed run's slides.csv or manifest
         run.plans = _prefetch_plans(run, jobs)
         first_error = run_slides(
             jobs,

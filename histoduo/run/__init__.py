@@ -15,6 +15,7 @@ from histoduo.run.files import (
     atomic_write_text,
     commit_path,
     fsync_path,
+    remove_stale_temporaries,
     temporary_path,
 )
 from histoduo.run.pool import LazyPool, available_cores, default_workers, pool_context, worker_pool
@@ -38,6 +39,7 @@ __all__ = [
     "pool_context",
     "run_slides",
     "status_of",
+    "remove_stale_temporaries",
     "temporary_path",
     "worker_pool",
 ]

@@ -10,17 +10,52 @@ would leave 0600, unreadable to a QuPath user on another account).
 from __future__ import annotations
 
 import os
+import re
 import secrets
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+# .<name>.<host>-<pid>.<token>.tmp: the writer's host and pid tell a killed writer's leftovers
+# from a live one's (another shard writing into the same folder).
+_TEMPORARY = re.compile(r"^\..+\.(?P<host>[^/]+)-(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
 
 def temporary_path(path: str | Path) -> Path:
     """A unique hidden sibling of ``path``; renaming it onto ``path`` is atomic."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    writer = f"{socket.gethostname()}-{os.getpid()}"
+    return path.with_name(f".{path.name}.{writer}.{secrets.token_hex(4)}.tmp")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete the temporary files that killed writers on this host left in ``folder``.
+
+    Files of live processes, and of other hosts (a shard on a shared file system), stay.
+    Returns how many were removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    host, removed = socket.gethostname(), 0
+    for path in folder.iterdir():
+        match = _TEMPORARY.match(path.name)
+        if match and match["host"] == host and not _alive(int(match["pid"])):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def fsync_path(path: str | Path) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from histoduo.checkpoint import CheckpointMeta, ClassRoles, load_checkpoint, save_checkpoint
-from histoduo.run.files import atomic_write, atomic_write_text
+from histoduo.run.files import atomic_write, atomic_write_text, remove_stale_temporaries
 from histoduo.run.progress import EpochProgress
 from histoduo.store import TileStore, require_pixels
 from histoduo.training.augment import EvalTransform
@@ -160,6 +160,7 @@ def _resume_or_start(
     import torch
 
     out = session.out
+    remove_stale_temporaries(out)  # a killed run's half-written checkpoint or metrics
     if resume:
         last = out / "last.pt"
         payload = load_checkpoint(last, trust=trust)
