@@ -74,7 +74,9 @@ def make_store(work: Path, num_slides: int, tile_size: int) -> Path:
     sources = []
     for i in range(num_slides):
         # Small regions so every class is on every slide (splits need each class in train).
-        spec = SyntheticSlideSpec(width_px=3072, height_px=2048, seed=i, region_size_um=200.0)
+        spec = SyntheticSlideSpec(
+            level0_width=3072, level0_height=2048, seed=i, region_size_um=200.0
+        )
         slide = write_synthetic_slide(slides_dir / f"slide_{i:02d}.svs", spec, workers=1)
         shutil.copy(slide.truth_geojson, ann / f"{slide.path.stem}.geojson")
         sources.append(SlideSource(slide.path))

@@ -33,7 +33,9 @@ def _slides(folder: Path, n: int, width: int, height: int) -> list[Path]:
         path = folder / f"cohort_{width}x{height}_{i}.svs"
         if not path.exists():
             t0 = time.perf_counter()
-            spec = SyntheticSlideSpec(width_px=width, height_px=height, mpp=0.25, seed=100 + i)
+            spec = SyntheticSlideSpec(
+                level0_width=width, level0_height=height, mpp=0.25, seed=100 + i
+            )
             write_synthetic_slide(path, spec)
             print(f"wrote {path.name} in {time.perf_counter() - t0:.1f} s", flush=True)
         paths.append(path)

@@ -116,7 +116,7 @@ def _slide_spec(sizes: Sizes) -> Any:
     from histoduo.synthetic import SyntheticSlideSpec
 
     return SyntheticSlideSpec(
-        width_px=sizes.slide_w, height_px=sizes.slide_h, mpp=sizes.slide_mpp, seed=7
+        level0_width=sizes.slide_w, level0_height=sizes.slide_h, mpp=sizes.slide_mpp, seed=7
     )
 
 
@@ -126,8 +126,8 @@ def _start_slide_writer(path: Path, sizes: Sizes, workers: int) -> subprocess.Po
         return None
     code = (
         "import sys; from histoduo.synthetic import SyntheticSlideSpec, write_synthetic_slide; "
-        f"write_synthetic_slide(sys.argv[1], SyntheticSlideSpec(width_px={sizes.slide_w}, "
-        f"height_px={sizes.slide_h}, mpp={sizes.slide_mpp}, seed=7), workers={workers})"
+        f"write_synthetic_slide(sys.argv[1], SyntheticSlideSpec(level0_width={sizes.slide_w}, "
+        f"level0_height={sizes.slide_h}, mpp={sizes.slide_mpp}, seed=7), workers={workers})"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     return subprocess.Popen([sys.executable, "-c", code, str(path)], env=env)

@@ -81,7 +81,9 @@ def _slide(folder: Path, size: int) -> Path:
 
     path = folder / f"predict_{size}.svs"
     if not path.exists():
-        write_synthetic_slide(path, SyntheticSlideSpec(width_px=size, height_px=size, seed=5))
+        write_synthetic_slide(
+            path, SyntheticSlideSpec(level0_width=size, level0_height=size, seed=5)
+        )
     return path
 
 

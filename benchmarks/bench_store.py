@@ -28,7 +28,9 @@ def _slide(folder: Path, width: int, height: int) -> Path:
 
     path = folder / f"store_bench_{width}x{height}.svs"
     if not path.exists():
-        write_synthetic_slide(path, SyntheticSlideSpec(width_px=width, height_px=height, seed=3))
+        write_synthetic_slide(
+            path, SyntheticSlideSpec(level0_width=width, level0_height=height, seed=3)
+        )
     return path
 
 

@@ -33,7 +33,7 @@ def _slide(folder: Path, width: int, height: int, seed: int = 7) -> Path:
     path = folder / f"bench_{width}x{height}.svs"
     if not path.exists():
         t0 = time.perf_counter()
-        spec = SyntheticSlideSpec(width_px=width, height_px=height, mpp=0.25, seed=seed)
+        spec = SyntheticSlideSpec(level0_width=width, level0_height=height, mpp=0.25, seed=seed)
         write_synthetic_slide(path, spec)
         print(f"wrote {path.name} in {time.perf_counter() - t0:.1f} s", flush=True)
     return path

@@ -51,7 +51,7 @@ def make_store(folder: Path, n_slides: int, tile_px: int) -> Path:
     sources = []
     for index in range(n_slides):
         path = folder / f"slide_{index}_{side}.svs"
-        spec = SyntheticSlideSpec(width_px=side, height_px=side * 2 // 3, seed=40 + index)
+        spec = SyntheticSlideSpec(level0_width=side, level0_height=side * 2 // 3, seed=40 + index)
         slide = write_synthetic_slide(path, spec, workers=1)
         shutil.copyfile(slide.truth_geojson, annotations / f"{path.stem}.geojson")
         sources.append(SlideSource(slide.path))

@@ -23,7 +23,7 @@ from histoduo.tissue import detect_tissue
 def main(work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     slide = write_synthetic_slide(
-        work / "slide.svs", SyntheticSlideSpec(width_px=2048, height_px=1536, seed=3)
+        work / "slide.svs", SyntheticSlideSpec(level0_width=2048, level0_height=1536, seed=3)
     )
     with open_slide(slide.path) as opened:
         print(opened.info())

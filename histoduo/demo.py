@@ -74,16 +74,16 @@ def _write_slides(folder: Path, config: DemoConfig) -> tuple[list[SyntheticSlide
     train = []
     for index in range(config.n_train_slides):
         spec = SyntheticSlideSpec(
-            width_px=config.slide_width_px,
-            height_px=config.slide_height_px,
+            level0_width=config.slide_width_px,
+            level0_height=config.slide_height_px,
             mpp=config.slide_mpp,
             seed=config.seed + index,
             region_size_um=200.0,  # small regions: every class on every training slide
         )
         train.append(write_synthetic_slide(folder / f"train_{index}.svs", spec, workers=1))
     held_out_spec = SyntheticSlideSpec(
-        width_px=config.slide_width_px,
-        height_px=config.slide_height_px,
+        level0_width=config.slide_width_px,
+        level0_height=config.slide_height_px,
         mpp=config.slide_mpp,
         seed=config.seed + 100,
         classes=("normal", "low_grade", "necrosis"),

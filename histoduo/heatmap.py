@@ -158,8 +158,8 @@ def grade_map(scores: SlideScores, style: HeatmapStyle) -> np.ndarray:
     every class is painted."""
     ds = style.grade_map_downsample
     shape = (
-        max(1, int(np.ceil(scores.slide_height / ds))),
-        max(1, int(np.ceil(scores.slide_width / ds))),
+        max(1, int(np.ceil(scores.level0_height / ds))),
+        max(1, int(np.ceil(scores.level0_width / ds))),
     )
     mean, covered = mean_probabilities(scores, ds, shape)
     inside = covered & mask_on_canvas(scores, ds, shape)

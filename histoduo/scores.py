@@ -33,8 +33,8 @@ class SlideScores:
     thumbnail_downsample: float
     tissue_mask: np.ndarray  # (hm, wm) bool
     mask_downsample: float
-    slide_width: int
-    slide_height: int
+    level0_width: int
+    level0_height: int
     slide_mpp: float
     target_mpp: float
     tile_size_px: int
@@ -69,7 +69,10 @@ class SlideScores:
         with np.load(path, allow_pickle=False) as data:
             values: dict[str, Any] = {k: data[k] for k in data.files}
         values["slide"] = str(values["slide"])
-        for key in ("tile_size_level0", "stride_level0", "slide_width", "slide_height"):
+        for old, new in (("slide_width", "level0_width"), ("slide_height", "level0_height")):
+            if old in values:  # scores files written before the one-name rename
+                values[new] = values.pop(old)
+        for key in ("tile_size_level0", "stride_level0", "level0_width", "level0_height"):
             values[key] = int(values[key])
         values["tile_size_px"] = int(values["tile_size_px"])
         for key in ("thumbnail_downsample", "mask_downsample", "slide_mpp", "target_mpp"):

@@ -62,8 +62,8 @@ class SlideInfo:
     name: str
     backend: str
     vendor: str
-    width_px: int
-    height_px: int
+    level0_width: int
+    level0_height: int
     level_dimensions: list[tuple[int, int]]
     level_downsamples: list[float]
     mpp: float | None
@@ -247,8 +247,8 @@ class Slide:
             name=self.name,
             backend=self.backend,
             vendor=self.vendor,
-            width_px=width,
-            height_px=height,
+            level0_width=width,
+            level0_height=height,
             level_dimensions=[tuple(d) for d in self.level_dimensions],
             level_downsamples=[float(d) for d in self.level_downsamples],
             mpp=self.mpp,

@@ -37,8 +37,8 @@ _BG_RGB = np.array([242.0, 240.0, 243.0], dtype=np.float32)
 class SyntheticSlideSpec:
     """Everything that determines a synthetic slide (pixels and ground truth)."""
 
-    width_px: int
-    height_px: int
+    level0_width: int
+    level0_height: int
     mpp: float = 0.25
     seed: int = 0
     format: str = "svs"
@@ -55,7 +55,7 @@ class SyntheticSlideSpec:
     write_mpp: bool = True
 
     def __post_init__(self) -> None:
-        if self.width_px < 16 or self.height_px < 16:
+        if self.level0_width < 16 or self.level0_height < 16:
             raise ValueError("synthetic slide must be at least 16 x 16 px")
         if self.mpp <= 0:
             raise ValueError(f"mpp must be > 0, got {self.mpp}")
@@ -98,7 +98,7 @@ class SyntheticSlideSpec:
         """Downsamples actually written (level 0 always; tiny levels dropped)."""
         out = [1]
         for d in sorted(set(int(d) for d in self.level_downsamples)):
-            if d > 1 and max(_ceil_div(self.width_px, d), _ceil_div(self.height_px, d)) >= (
+            if d > 1 and max(_ceil_div(self.level0_width, d), _ceil_div(self.level0_height, d)) >= (
                 _MIN_LEVEL_PX
             ):
                 out.append(d)
@@ -107,7 +107,7 @@ class SyntheticSlideSpec:
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
         """(width, height) of every written level."""
         return tuple(
-            (_ceil_div(self.width_px, d), _ceil_div(self.height_px, d))
+            (_ceil_div(self.level0_width, d), _ceil_div(self.level0_height, d))
             for d in self.level_downsamples_used
         )
 
@@ -348,7 +348,7 @@ def _layout(spec: SyntheticSlideSpec) -> _Layout:
     from scipy.spatial import cKDTree
     from skimage.morphology import remove_small_holes, remove_small_objects
 
-    W, H = spec.width_px, spec.height_px
+    W, H = spec.level0_width, spec.level0_height
     cell = max(16, _ceil_div(max(W, H), _MAX_LAYOUT_CELLS))
     gh, gw = _ceil_div(H, cell), _ceil_div(W, cell)
     rng = np.random.default_rng([spec.seed, 0x1A70])
@@ -453,8 +453,8 @@ def label_map(spec: SyntheticSlideSpec, downsample: float) -> np.ndarray:
     ds = float(downsample)
     if ds <= 0:
         raise ValueError("downsample must be > 0")
-    h = math.ceil(spec.height_px / ds)
-    w = math.ceil(spec.width_px / ds)
+    h = math.ceil(spec.level0_height / ds)
+    w = math.ceil(spec.level0_width / ds)
     xs = (np.arange(w) + 0.5) * ds
     ys = (np.arange(h) + 0.5) * ds
     return _lookup_labels(spec, xs, ys).astype(np.int16)
@@ -760,7 +760,7 @@ def truth_feature_collection(spec: SyntheticSlideSpec) -> dict:
         return [(np.array(r[0]), [np.array(h) for h in r[1:]]) for r in rings_of_each]
 
     lay = _layout(spec)
-    W, H = spec.width_px, spec.height_px
+    W, H = spec.level0_width, spec.level0_height
     feats: list[dict] = [
         polygon_feature([poly], class_name="Tissue")
         for poly in polygons(_mask_polygons(lay.labels > 0, lay.cell, W, H))
@@ -799,7 +799,7 @@ def _tiles(
 
 
 def _aperio_desc(spec: SyntheticSlideSpec, lw: int, lh: int, level0: bool, thumb: bool) -> str:
-    W, H, ts, q = spec.width_px, spec.height_px, spec.tile_size_px, spec.jpeg_quality
+    W, H, ts, q = spec.level0_width, spec.level0_height, spec.tile_size_px, spec.jpeg_quality
     head = f"Aperio Image Library v12.0.0 \n{W}x{H} [0,0 {W}x{H}] ({ts}x{ts})"
     if thumb:
         head = f"Aperio Image Library v12.0.0 \n{W}x{H} -> {lw}x{lh} - "
@@ -826,7 +826,9 @@ def _write_tiff(tmp: Path, spec: SyntheticSlideSpec, workers: int) -> None:
     try:
         jpeg = {"compression": "jpeg", "compressionargs": {"level": spec.jpeg_quality}}
         ts = spec.tile_size_px
-        with tifffile.TiffWriter(tmp, bigtiff=spec.width_px * spec.height_px * 3 > 2**31) as tw:
+        with tifffile.TiffWriter(
+            tmp, bigtiff=spec.level0_width * spec.level0_height * 3 > 2**31
+        ) as tw:
             for li, (ds, (lw, lh)) in enumerate(
                 zip(spec.level_downsamples_used, spec.level_dimensions())
             ):
@@ -843,8 +845,11 @@ def _write_tiff(tmp: Path, spec: SyntheticSlideSpec, workers: int) -> None:
                 tw.write(_tiles(spec, ds, lw, lh, pool), shape=(lh, lw, 3), dtype=np.uint8, **kw)
                 if li == 0 and spec.format == "svs":
                     # Aperio convention: stripped thumbnail as the 2nd directory
-                    tds = max(spec.width_px, spec.height_px) / 768.0
-                    tw_, th_ = math.ceil(spec.width_px / tds), math.ceil(spec.height_px / tds)
+                    tds = max(spec.level0_width, spec.level0_height) / 768.0
+                    tw_, th_ = (
+                        math.ceil(spec.level0_width / tds),
+                        math.ceil(spec.level0_height / tds),
+                    )
                     thumb = render_region(spec, 0, 0, tw_, th_, tds)
                     tw.write(
                         thumb,

@@ -29,7 +29,7 @@ def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _write(folder: Path, name: str, **spec_kwargs):  # noqa: ANN202
     from histoduo.synthetic import SyntheticSlideSpec, write_synthetic_slide
 
-    spec = SyntheticSlideSpec(**{"width_px": 3072, "height_px": 2048, **spec_kwargs})
+    spec = SyntheticSlideSpec(**{"level0_width": 3072, "level0_height": 2048, **spec_kwargs})
     return write_synthetic_slide(folder / name, spec, workers=1)
 
 
@@ -52,4 +52,6 @@ def tiff_slide(synth_dir: Path):  # noqa: ANN201
 
 @pytest.fixture(scope="session")
 def no_mpp_slide(synth_dir: Path):  # noqa: ANN201
-    return _write(synth_dir, "nompp.svs", seed=14, width_px=1024, height_px=1024, write_mpp=False)
+    return _write(
+        synth_dir, "nompp.svs", seed=14, level0_width=1024, level0_height=1024, write_mpp=False
+    )

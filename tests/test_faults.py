@@ -133,7 +133,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     annotations = folder / "annotations"
     annotations.mkdir()
     for i in range(2):
-        spec = SyntheticSlideSpec(width_px=512, height_px=512, mpp=0.5, seed=i)
+        spec = SyntheticSlideSpec(level0_width=512, level0_height=512, mpp=0.5, seed=i)
         slide = write_synthetic_slide(folder / f"slide{i}.svs", spec, workers=1)
         slide.truth_geojson.unlink()
         features = [
@@ -277,7 +277,7 @@ def test_dicom_wsi_is_read(cohort: Path, tmp_path: Path) -> None:
     dicom = tmp_path / "dicom" / "slide0.dcm"
     _write_dicom_wsi(dicom, rgb, mpp=0.5)
     info = json.loads(succeeds_raw("info", dicom, "--json"))
-    assert (info["width_px"], info["height_px"], info["mpp"]) == (512, 512, 0.5)
+    assert (info["level0_width"], info["level0_height"], info["mpp"]) == (512, 512, 0.5)
     assert info["vendor"] == "dicom"
     # The same pixels as the SVS: the same tissue and exactly the same tiles.
     succeeds("tile", dicom, "-o", tmp_path / "dicom.h5", "--dry-run", *TILE)
@@ -317,7 +317,7 @@ def test_slide_csv_empty_mpp_cell(cohort: Path, tmp_path: Path) -> None:
     succeeds("tile", table, "-o", tmp_path / "t.h5", "--dry-run", *TILE)
     assert TileStore(tmp_path / "t.h5").attrs("slide0")["slide_mpp"] == pytest.approx(0.5)
     # ... and a slide without an mpp of its own is then a clear error.
-    spec = SyntheticSlideSpec(width_px=256, height_px=256, mpp=0.5, write_mpp=False)
+    spec = SyntheticSlideSpec(level0_width=256, level0_height=256, mpp=0.5, write_mpp=False)
     write_synthetic_slide(tmp_path / "nompp.svs", spec, workers=1)
     table.write_text("path,mpp\nnompp.svs,\n")
     fails("tile", table, "-o", tmp_path / "n.h5", *TILE,

@@ -45,7 +45,7 @@ def file_modes(folder: Path) -> dict[str, int]:
 def small_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from histoduo.synthetic import SyntheticSlideSpec, write_synthetic_slide
 
-    spec = SyntheticSlideSpec(width_px=1024, height_px=1024, mpp=0.5, seed=5)
+    spec = SyntheticSlideSpec(level0_width=1024, level0_height=1024, mpp=0.5, seed=5)
     folder = tmp_path_factory.mktemp("modes_slide")
     return write_synthetic_slide(folder / "modes.svs", spec, workers=1).path
 

@@ -96,7 +96,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     annotations = folder / "annotations"
     annotations.mkdir()
     for i in range(4):
-        spec = SyntheticSlideSpec(width_px=768, height_px=768, mpp=0.5, seed=20 + i)
+        spec = SyntheticSlideSpec(level0_width=768, level0_height=768, mpp=0.5, seed=20 + i)
         slide = write_synthetic_slide(folder / f"slide{i}.svs", spec, workers=1)
         slide.truth_geojson.unlink()
         features = [

@@ -20,7 +20,7 @@ TILING = TilingParams(target_mpp=0.5, tile_size_px=64)
 
 
 def _slide(folder: Path, name: str, **kwargs):  # noqa: ANN202
-    spec = SyntheticSlideSpec(**{"width_px": 2048, "height_px": 2048, "mpp": 0.5, **kwargs})
+    spec = SyntheticSlideSpec(**{"level0_width": 2048, "level0_height": 2048, "mpp": 0.5, **kwargs})
     return write_synthetic_slide(folder / f"{name}.svs", spec, workers=1)
 
 

@@ -331,7 +331,7 @@ def test_cli_info_json(svs_slide) -> None:
     result = CliRunner().invoke(app, ["info", str(svs_slide.path), "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
-    assert info["width_px"] == 3072 and info["mpp"] == pytest.approx(0.25)
+    assert info["level0_width"] == 3072 and info["mpp"] == pytest.approx(0.25)
 
 
 def test_unknown_annotation_class_fails_with_the_file(svs_slide, tmp_path: Path) -> None:

@@ -268,7 +268,7 @@ def test_matches_synthetic_module(tmp_path: Path) -> None:
         pytest.skip(f"histoduo.synthetic not available ({exc})")
     synthetic = write_synthetic_slide(
         tmp_path / "synthetic.tiff",
-        SyntheticSlideSpec(width_px=4096, height_px=3072, mpp=0.25, seed=1),
+        SyntheticSlideSpec(level0_width=4096, level0_height=3072, mpp=0.25, seed=1),
     )
     path = getattr(synthetic, "path", tmp_path / "synthetic.tiff")
     with open_slide(path) as slide:
@@ -366,7 +366,7 @@ def test_cli_takes_a_slide_csv_and_shards(cli_app: object, tmp_path: Path) -> No
 
     names = ["csv_a", "csv_b", "csv_c"]
     for i, name in enumerate(names):
-        spec = SyntheticSlideSpec(width_px=1024, height_px=768, mpp=0.5, seed=30 + i)
+        spec = SyntheticSlideSpec(level0_width=1024, level0_height=768, mpp=0.5, seed=30 + i)
         write_synthetic_slide(tmp_path / f"{name}.svs", spec, workers=1)
     table = tmp_path / "slides.csv"
     table.write_text("path,mpp\n" + "".join(f"{n}.svs,0.5\n" for n in names))

@@ -36,7 +36,7 @@ def labelled_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     annotations.mkdir()
     sources = []
     for index in range(N_SLIDES):
-        spec = SyntheticSlideSpec(width_px=3072, height_px=2048, seed=40 + index)
+        spec = SyntheticSlideSpec(level0_width=3072, level0_height=2048, seed=40 + index)
         slide = write_synthetic_slide(folder / f"slide_{index}.svs", spec, workers=1)
         shutil.copyfile(slide.truth_geojson, annotations / f"slide_{index}.geojson")
         sources.append(SlideSource(slide.path))

@@ -71,7 +71,7 @@ def small_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     annotations.mkdir()
     sources = []
     for seed in SEEDS:  # slide 45 has tiles of all four classes
-        spec = SyntheticSlideSpec(width_px=2048, height_px=1536, seed=seed)
+        spec = SyntheticSlideSpec(level0_width=2048, level0_height=1536, seed=seed)
         slide = write_synthetic_slide(folder / f"slide_{seed}.svs", spec, workers=1)
         shutil.copyfile(slide.truth_geojson, annotations / f"slide_{seed}.geojson")
         sources.append(SlideSource(slide.path))

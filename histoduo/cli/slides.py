@@ -75,7 +75,7 @@ def info_command(
             table = Table(title=item["path"], show_header=False, title_justify="left")
             table.add_row("vendor", item["vendor"])
             table.add_row("backend", item["backend"])
-            table.add_row("size (level 0)", f"{item['width_px']} x {item['height_px']} px")
+            table.add_row("size (level 0)", f"{item['level0_width']} x {item['level0_height']} px")
             levels = ", ".join(
                 f"{w}x{h} (/{ds:.4g})"
                 for (w, h), ds in zip(item["level_dimensions"], item["level_downsamples"])
@@ -286,7 +286,12 @@ def synth_command(
 
     try:
         spec = SyntheticSlideSpec(
-            width_px=width, height_px=height, mpp=mpp, seed=seed, format=fmt, write_mpp=not no_mpp
+            level0_width=width,
+            level0_height=height,
+            mpp=mpp,
+            seed=seed,
+            format=fmt,
+            write_mpp=not no_mpp,
         )
         if count > 1:
             written = write_synthetic_cohort(out, count, spec)

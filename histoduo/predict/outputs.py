@@ -70,7 +70,7 @@ def write_slide_outputs(
     write_feature_collection(slide_dir / "tiles.geojson", tile_features(scores))
     mask = TissueMask(
         scores.tissue_mask, scores.mask_downsample, scores.thumbnail, scores.slide_mpp,
-        level0_size=(scores.slide_width, scores.slide_height),
+        level0_size=(scores.level0_width, scores.level0_height),
     )  # fmt: skip
     write_feature_collection(slide_dir / "tissue.geojson", tissue_features(mask))
     from histoduo.heatmap import HeatmapStyle, render_slide_maps, render_thumbnail

@@ -48,8 +48,8 @@ class SlidePlan:
     fractions: np.ndarray
     thumbnail: np.ndarray
     thumb_ds: float
-    width0: int
-    height0: int
+    level0_width: int
+    level0_height: int
 
 
 def plan_slide(source: SlideSource, params: PredictParams, tiling: TilingParams) -> SlidePlan:
@@ -81,7 +81,7 @@ def scores_from_slide(
 ) -> SlideScores:
     p = plan or plan_slide(source, params, tiling)
     geometry, mask, coords, fractions = p.geometry, p.mask, p.coords, p.fractions
-    thumbnail, thumb_ds, width0, height0 = p.thumbnail, p.thumb_ds, p.width0, p.height0
+    thumbnail, thumb_ds, width0, height0 = p.thumbnail, p.thumb_ds, p.level0_width, p.level0_height
     # The slide is closed before workers start: they open it themselves.
     tiles = SlideTiles(
         str(source.path),
@@ -110,8 +110,8 @@ def scores_from_slide(
         thumbnail_downsample=float(thumb_ds),
         tissue_mask=mask.mask,
         mask_downsample=mask.downsample,
-        slide_width=width0,
-        slide_height=height0,
+        level0_width=width0,
+        level0_height=height0,
         slide_mpp=geometry.slide_mpp,
         target_mpp=tiling.target_mpp,
         tile_size_px=tiling.tile_size_px,
@@ -143,8 +143,8 @@ def scores_from_store(
         thumbnail_downsample=thumb_ds,
         tissue_mask=mask,
         mask_downsample=mask_ds,
-        slide_width=record.level0_width,
-        slide_height=record.level0_height,
+        level0_width=record.level0_width,
+        level0_height=record.level0_height,
         slide_mpp=record.slide_mpp,
         target_mpp=record.target_mpp,
         tile_size_px=record.tile_size_px,
