@@ -44,3 +44,28 @@ def peak_tree_rss_gib(cmd: list[str], interval_s: float = 0.05) -> float:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{err.decode()}")
     return peak / 2**30
+
+
+def untrained_checkpoint(
+    path, config, class_names: list[str], target_mpp: float, tile_size_px: int
+):  # noqa: ANN001, ANN201 - a ModelConfig in, the checkpoint's Path out
+    """Save an untrained model (seed 0) as a histoduo checkpoint: benchmarks need no weights."""
+    import torch
+
+    from histoduo.checkpoint import CheckpointMeta, ClassRoles, save_checkpoint
+    from histoduo.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model(config)
+    mean, std = net.normalization
+    meta = CheckpointMeta(
+        model_config=config.to_dict(),
+        class_names=class_names,
+        class_roles=ClassRoles.infer(class_names).to_dict(),
+        target_mpp=target_mpp,
+        tile_size_px=tile_size_px,
+        input_size_px=config.input_size_px,
+        mean=list(mean),
+        std=list(std),
+    )
+    return save_checkpoint(path, net.state_dict(), meta)

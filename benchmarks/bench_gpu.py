@@ -91,25 +91,9 @@ def _configs(sizes: Sizes) -> dict[str, Any]:
 
 
 def _checkpoint(path: Path, config: Any, sizes: Sizes) -> Path:
-    import torch
+    from _measure import untrained_checkpoint
 
-    from histoduo.checkpoint import CheckpointMeta, ClassRoles, save_checkpoint
-    from histoduo.models import build_model
-
-    torch.manual_seed(0)
-    net = build_model(config)
-    mean, std = net.normalization
-    meta = CheckpointMeta(
-        model_config=config.to_dict(),
-        class_names=CLASSES,
-        class_roles=ClassRoles.infer(CLASSES).to_dict(),
-        target_mpp=TARGET_MPP,
-        tile_size_px=sizes.tile_px,
-        input_size_px=config.input_size_px,
-        mean=list(mean),
-        std=list(std),
-    )
-    return save_checkpoint(path, net.state_dict(), meta)
+    return untrained_checkpoint(path, config, CLASSES, TARGET_MPP, sizes.tile_px)
 
 
 def _slide_spec(sizes: Sizes) -> Any:

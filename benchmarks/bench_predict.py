@@ -54,26 +54,12 @@ MODELS = {
 
 
 def _checkpoint(path: Path, model: str, mpp: float) -> Path:
-    import torch
+    from _measure import untrained_checkpoint
 
-    from histoduo.checkpoint import CheckpointMeta, ClassRoles, save_checkpoint
-    from histoduo.models import ModelConfig, build_model
+    from histoduo.models import ModelConfig
 
-    torch.manual_seed(0)
     config = ModelConfig(arch="duoformer", num_classes=len(CLASSES), **MODELS[model])
-    net = build_model(config)
-    mean, std = net.normalization
-    meta = CheckpointMeta(
-        model_config=config.to_dict(),
-        class_names=CLASSES,
-        class_roles=ClassRoles.infer(CLASSES).to_dict(),
-        target_mpp=mpp,
-        tile_size_px=config.input_size_px,
-        input_size_px=config.input_size_px,
-        mean=list(mean),
-        std=list(std),
-    )
-    return save_checkpoint(path, net.state_dict(), meta)
+    return untrained_checkpoint(path, config, CLASSES, mpp, config.input_size_px)
 
 
 def _slide(folder: Path, size: int) -> Path:

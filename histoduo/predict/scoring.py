@@ -94,7 +94,6 @@ def scores_from_slide(
         predictor.transform,
     )
     probs = predictor.run(tiles, workers)
-    names = list(predictor.meta.class_names)
     return SlideScores(
         slide=source.name,
         probs=probs,
@@ -102,10 +101,7 @@ def scores_from_slide(
         tissue_fraction=fractions,
         tile_size_level0=geometry.tile_size_level0,
         stride_level0=geometry.stride_level0,
-        class_names=names,
-        class_colors=class_colors(names),
-        class_display_names=display_list(predictor.meta),
-        grade_classes=list(predictor.meta.roles.grades),
+        **_class_fields(predictor.meta),
         thumbnail=thumbnail,
         thumbnail_downsample=float(thumb_ds),
         tissue_mask=mask.mask,
@@ -118,6 +114,17 @@ def scores_from_slide(
     )
 
 
+def _class_fields(meta: CheckpointMeta) -> dict[str, Any]:
+    """The class vocabulary a SlideScores carries, from the checkpoint."""
+    names = list(meta.class_names)
+    return {
+        "class_names": names,
+        "class_colors": class_colors(names),
+        "class_display_names": display_list(meta),
+        "grade_classes": list(meta.roles.grades),
+    }
+
+
 def scores_from_store(
     store: TileStore, slide: str, predictor: TilePredictor, workers: int
 ) -> SlideScores:
@@ -127,7 +134,6 @@ def scores_from_store(
     n = store.num_tiles(slide)
     tiles = StoreTiles(str(store.path), slide, n, predictor.batch_size, predictor.transform)
     probs = predictor.run(tiles, workers)
-    names = list(predictor.meta.class_names)
     return SlideScores(
         slide=slide,
         probs=probs,
@@ -135,10 +141,7 @@ def scores_from_store(
         tissue_fraction=store.tissue_fraction(slide).astype(np.float32),
         tile_size_level0=record.tile_size_level0,
         stride_level0=record.stride_level0,
-        class_names=names,
-        class_colors=class_colors(names),
-        class_display_names=display_list(predictor.meta),
-        grade_classes=list(predictor.meta.roles.grades),
+        **_class_fields(predictor.meta),
         thumbnail=thumbnail,
         thumbnail_downsample=thumb_ds,
         tissue_mask=mask,
