@@ -1,0 +1,189 @@
+"""The backends: OpenSlide, tiffslide and plain images behind :class:`Slide`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histoduo.slide.base import Slide, _rgba_to_rgb
+from histoduo.slide.info import SUPPORTED_FORMATS, SlideError
+
+
+class _LibrarySlide(Slide):
+    """A slide held by a reader library object (``self._slide``) with OpenSlide's API."""
+
+    _slide: Any
+
+    @property
+    def level_dimensions(self) -> list[tuple[int, int]]:
+        return [tuple(d) for d in self._slide.level_dimensions]
+
+    @property
+    def level_downsamples(self) -> list[float]:
+        return [float(d) for d in self._slide.level_downsamples]
+
+
+class OpenSlideSlide(_LibrarySlide):
+    backend = "openslide"
+
+    def __init__(self, path: Path, mpp_override: float | None = None) -> None:
+        super().__init__(path, mpp_override)
+        import openslide
+
+        try:
+            self._slide = openslide.OpenSlide(str(path))
+        except openslide.OpenSlideUnsupportedFormatError as exc:
+            raise SlideError(
+                path,
+                f"unsupported or unrecognised slide format; histoduo reads {SUPPORTED_FORMATS}",
+            ) from exc
+        except openslide.OpenSlideError as exc:
+            raise SlideError(path, f"corrupt or unreadable slide ({exc})") from exc
+
+    @property
+    def properties(self) -> Mapping[str, str]:
+        return self._slide.properties
+
+    @property
+    def associated_image_names(self) -> list[str]:
+        return sorted(self._slide.associated_images.keys())
+
+    def _read_raw(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        import openslide
+
+        try:
+            image = self._slide.read_region((x, y), level, (width, height))
+        except openslide.OpenSlideError as exc:
+            raise SlideError(self.path, f"corrupt or truncated slide data ({exc})") from exc
+        return _rgba_to_rgb(np.asarray(image))
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+class TiffSlideSlide(_LibrarySlide):
+    backend = "tiffslide"
+
+    def __init__(self, path: Path, mpp_override: float | None = None) -> None:
+        super().__init__(path, mpp_override)
+        import tiffslide
+
+        try:
+            self._slide = tiffslide.TiffSlide(str(path))
+        except Exception as exc:  # tifffile raises many types for bad files
+            raise SlideError(path, f"cannot open with tiffslide ({exc})") from exc
+        _check_rgb_pages(path, self._slide)
+
+    @property
+    def properties(self) -> Mapping[str, str]:
+        return {k: str(v) for k, v in self._slide.properties.items() if v is not None}
+
+    @property
+    def vendor(self) -> str:
+        return str(self._slide.properties.get("tiffslide.vendor") or "unknown")
+
+    @property
+    def associated_image_names(self) -> list[str]:
+        return sorted(self._slide.associated_images.keys())
+
+    def _read_raw(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        try:
+            array = self._slide.read_region((x, y), level, (width, height), as_array=True)
+        except Exception as exc:
+            raise SlideError(self.path, f"corrupt or truncated slide data ({exc})") from exc
+        if array.ndim == 3 and array.shape[2] == 4:
+            return _rgba_to_rgb(array)
+        return np.ascontiguousarray(array[..., :3])
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+def _check_rgb_pages(path: Path, slide: Any) -> None:
+    """Reject multichannel (fluorescence) images: histoduo works on brightfield RGB."""
+    try:
+        page = slide.ts_tifffile.series[0].levels[0].keyframe
+    except Exception:  # noqa: BLE001 - best effort only; reading will fail later if broken
+        return
+    samples = int(getattr(page, "samplesperpixel", 3))
+    shape = tuple(slide.ts_tifffile.series[0].levels[0].shape)
+    if samples not in (3, 4) or (
+        len(shape) == 3 and shape[0] not in (3, 4) and shape[-1] not in (3, 4)
+    ):
+        raise SlideError(
+            path,
+            f"not a brightfield RGB slide (image shape {shape}, {samples} samples per pixel); "
+            "multichannel fluorescence is not supported",
+        )
+
+
+class PlainImageSlide(Slide):
+    """A PNG, JPEG or non-pyramidal TIFF held in memory as one level."""
+
+    backend = "image"
+
+    def __init__(self, path: Path, mpp_override: float | None = None) -> None:
+        super().__init__(path, mpp_override)
+        self._properties: dict[str, str] = {}
+        self._image = self._load(path)
+
+    def _load(self, path: Path) -> np.ndarray:
+        suffix = path.suffix.lower()
+        try:
+            if suffix in (".tif", ".tiff"):
+                import tifffile
+
+                with tifffile.TiffFile(path) as tif:
+                    page = tif.pages[0]
+                    array = page.asarray()
+                    tags = page.tags
+                    if "XResolution" in tags and "ResolutionUnit" in tags:
+                        x_res = tags["XResolution"].value
+                        self._properties["tiff.XResolution"] = str(x_res[0] / x_res[1])
+                        unit = tags["ResolutionUnit"].value
+                        self._properties["tiff.ResolutionUnit"] = str(int(unit))
+            else:
+                from PIL import Image
+
+                with Image.open(path) as pil:
+                    pil.load()
+                    if pil.mode not in ("RGB", "RGBA"):
+                        raise SlideError(
+                            path, f"not an RGB image (mode {pil.mode}); histoduo needs RGB"
+                        )
+                    array = np.asarray(pil.convert("RGB"))
+        except SlideError:
+            raise
+        except Exception as exc:
+            raise SlideError(path, f"cannot read image ({exc})") from exc
+        if array.ndim != 3 or array.shape[2] not in (3, 4):
+            raise SlideError(
+                path,
+                f"not an RGB image (shape {tuple(array.shape)}); multichannel or grayscale "
+                "images are not supported",
+            )
+        if array.dtype != np.uint8:
+            raise SlideError(path, f"not an 8-bit image (dtype {array.dtype})")
+        return np.ascontiguousarray(array[..., :3])
+
+    @property
+    def level_dimensions(self) -> list[tuple[int, int]]:
+        return [(self._image.shape[1], self._image.shape[0])]
+
+    @property
+    def level_downsamples(self) -> list[float]:
+        return [1.0]
+
+    @property
+    def properties(self) -> Mapping[str, str]:
+        return self._properties
+
+    @property
+    def vendor(self) -> str:
+        return "image"
+
+    def _read_raw(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        return self._image[y : y + height, x : x + width]
