@@ -1,0 +1,128 @@
+"""What a synthetic slide is: its spec (size, mpp, classes, pyramid) and the written result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_CLASSES: tuple[str, ...] = ("normal", "low_grade", "high_grade", "necrosis")
+
+_BLOCK_PX = 128  # level-0 block that owns a fixed set of candidate nuclei (determinism unit)
+_MAX_LAYOUT_CELLS = 2048  # long side of the layout grid; keeps label maps small for any slide
+_MIN_LEVEL_PX = 256  # pyramid levels smaller than this on the long side are dropped
+_BG_RGB = np.array([242.0, 240.0, 243.0], dtype=np.float32)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+@dataclass(frozen=True)
+class SyntheticSlideSpec:
+    """Everything that determines a synthetic slide (pixels and ground truth)."""
+
+    level0_width: int
+    level0_height: int
+    mpp: float = 0.25
+    seed: int = 0
+    format: str = "svs"
+    tile_size_px: int = 256
+    level_downsamples: tuple[int, ...] = (1, 4, 16)
+    jpeg_quality: int = 90
+    classes: tuple[str, ...] = DEFAULT_CLASSES
+    class_weights: tuple[float, ...] | None = None
+    foci: tuple[tuple[str, float], ...] = ()
+    tissue_pieces: int = 2
+    tissue_coverage: float = 0.45
+    region_size_um: float = 400.0
+    magnification: float | None = None
+    write_mpp: bool = True
+
+    def __post_init__(self) -> None:
+        if self.level0_width < 16 or self.level0_height < 16:
+            raise ValueError("synthetic slide must be at least 16 x 16 px")
+        if self.mpp <= 0:
+            raise ValueError(f"mpp must be > 0, got {self.mpp}")
+        if self.format not in ("svs", "tiff"):
+            raise ValueError(f"format must be 'svs' or 'tiff', got {self.format!r}")
+        if self.tile_size_px % 16:
+            raise ValueError("tile_size_px must be a multiple of 16 (TIFF requirement)")
+        if not self.classes:
+            raise ValueError("at least one class is required")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"duplicate class names in {self.classes}")
+        if self.class_weights is not None:
+            if len(self.class_weights) != len(self.classes):
+                raise ValueError("class_weights must have one weight per class")
+            if min(self.class_weights) < 0 or sum(self.class_weights) <= 0:
+                raise ValueError("class_weights must be >= 0 with a positive sum")
+        if not 0 < self.tissue_coverage < 0.9:
+            raise ValueError("tissue_coverage must be in (0, 0.9)")
+        for name, frac in self.foci:
+            if not 0 < frac < 1:
+                raise ValueError(f"focus {name!r}: area fraction must be in (0, 1)")
+        if any(int(d) != d or d < 1 for d in self.level_downsamples):
+            raise ValueError("level_downsamples must be positive integers")
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Names in label order: ``classes`` then foci classes not already listed."""
+        extra: list[str] = []
+        for name, _ in self.foci:
+            if name not in self.classes and name not in extra:
+                extra.append(name)
+        return tuple(self.classes) + tuple(extra)
+
+    @property
+    def app_mag(self) -> float:
+        return self.magnification if self.magnification is not None else 10.0 / self.mpp
+
+    @property
+    def level_downsamples_used(self) -> tuple[int, ...]:
+        """Downsamples actually written (level 0 always; tiny levels dropped)."""
+        out = [1]
+        for d in sorted(set(int(d) for d in self.level_downsamples)):
+            if d > 1 and max(_ceil_div(self.level0_width, d), _ceil_div(self.level0_height, d)) >= (
+                _MIN_LEVEL_PX
+            ):
+                out.append(d)
+        return tuple(out)
+
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        """(width, height) of every written level."""
+        return tuple(
+            (_ceil_div(self.level0_width, d), _ceil_div(self.level0_height, d))
+            for d in self.level_downsamples_used
+        )
+
+
+@dataclass
+class SyntheticSlide:
+    """A written synthetic slide and accessors for its ground truth."""
+
+    path: Path
+    spec: SyntheticSlideSpec
+    truth_geojson: Path
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.spec.class_names
+
+    def label_map(self, downsample: float) -> np.ndarray:
+        """int16 (ceil(H/ds), ceil(W/ds)): 0 background, i+1 = class_names[i]."""
+        from histoduo.synthetic.layout import label_map  # layout needs the spec first
+
+        return label_map(self.spec, downsample)
+
+    def tissue_mask(self, downsample: float) -> np.ndarray:
+        return self.label_map(downsample) > 0
+
+    def class_area_fractions(self) -> dict[str, float]:
+        """Area of each class as a fraction of tissue area (exact, from the layout)."""
+        from histoduo.synthetic.layout import _layout
+
+        lay = _layout(self.spec).labels
+        n = max(int((lay > 0).sum()), 1)
+        return {c: float((lay == i + 1).sum()) / n for i, c in enumerate(self.class_names)}
