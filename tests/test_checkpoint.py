@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from model_configs import tiny
+from model_configs import tiny, tiny_meta
 
 from histoduo.checkpoint import (
     CheckpointError,
@@ -63,16 +63,7 @@ def test_explicit_grade_order_and_validation() -> None:
 
 
 def _tiny_meta(config: ModelConfig) -> CheckpointMeta:
-    return CheckpointMeta(
-        model_config=config.to_dict(),
-        class_names=["normal", "tumour"],
-        class_roles=ClassRoles.infer(["normal", "tumour"]).to_dict(),
-        target_mpp=1.0,
-        tile_size_px=64,
-        input_size_px=64,
-        mean=[0.5, 0.5, 0.5],
-        std=[0.25, 0.25, 0.25],
-    )
+    return tiny_meta(config, ["normal", "tumour"])
 
 
 def test_round_trip_rebuilds_the_same_model(tmp_path: Path) -> None:

@@ -15,10 +15,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from model_configs import tiny
+from model_configs import tiny, tiny_meta
 from typer.testing import CliRunner
 
-from histoduo.checkpoint import CheckpointMeta, ClassRoles, save_checkpoint
+from histoduo.checkpoint import CheckpointMeta, save_checkpoint
 from histoduo.cli import app
 from histoduo.models import build_model
 from histoduo.store import TileStore
@@ -81,16 +81,7 @@ def no_store_slides(path: Path) -> bool:
 
 
 def _meta(class_names: list[str], **model: object) -> CheckpointMeta:
-    return CheckpointMeta(
-        model_config=tiny(num_classes=len(class_names), **model).to_dict(),
-        class_names=class_names,
-        class_roles=ClassRoles.infer(class_names).to_dict(),
-        target_mpp=1.0,
-        tile_size_px=64,
-        input_size_px=64,
-        mean=[0.5, 0.5, 0.5],
-        std=[0.25, 0.25, 0.25],
-    )
+    return tiny_meta(tiny(num_classes=len(class_names), **model), class_names)
 
 
 def write_checkpoint(path: Path, class_names: list[str], **meta_model: object) -> Path:

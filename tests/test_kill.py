@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from model_configs import tiny
+from model_configs import tiny, tiny_meta
 
-from histoduo.checkpoint import CheckpointMeta, ClassRoles, load_checkpoint, save_checkpoint
+from histoduo.checkpoint import load_checkpoint, save_checkpoint
 from histoduo.models import build_model
 from histoduo.store import TileStore
 from histoduo.synthetic import SyntheticSlideSpec, write_synthetic_slide
@@ -166,16 +166,7 @@ def test_tile_killed_and_rerun_equals_uninterrupted(cohort: Path, tmp_path: Path
 def _tiny_checkpoint(path: Path) -> Path:
     config = tiny(num_classes=len(CLASSES))
     torch.manual_seed(0)
-    meta = CheckpointMeta(
-        model_config=config.to_dict(),
-        class_names=CLASSES,
-        class_roles=ClassRoles.infer(CLASSES).to_dict(),
-        target_mpp=1.0,
-        tile_size_px=64,
-        input_size_px=64,
-        mean=[0.5, 0.5, 0.5],
-        std=[0.25, 0.25, 0.25],
-    )
+    meta = tiny_meta(config, CLASSES)
     return save_checkpoint(path, build_model(config).state_dict(), meta)
 
 
