@@ -26,7 +26,7 @@ from model_configs import tiny, tiny_meta
 
 from histoduo.checkpoint import load_checkpoint, save_checkpoint
 from histoduo.models import build_model
-from histoduo.store import TileStore
+from histoduo.store import TileStore, clam_dir
 from histoduo.synthetic import SyntheticSlideSpec, write_synthetic_slide
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,10 +145,10 @@ def test_tile_killed_and_rerun_equals_uninterrupted(cohort: Path, tmp_path: Path
     args = [*_slides(cohort), "--annotations", cohort / "annotations", *TILE]
     reference = tmp_path / "reference.h5"
     seconds = run_to_end(histoduo("tile", *args, "-o", reference), tmp_path)
-    parts = lambda out: out.with_name(out.name + ".parts")  # noqa: E731
+    slides = lambda out: clam_dir(out) / "patches"  # noqa: E731 - format 2's slide files
     moments: list[tuple[str, Callable[[Path], Callable[[], bool]] | None, float | None]] = [
-        ("first slide written", lambda out: lambda: any(parts(out).glob("*.h5")), None),
-        ("a slide being written", lambda out: lambda: any(parts(out).glob("*.tmp")), None),
+        ("first slide written", lambda out: lambda: any(slides(out).glob("*.h5")), None),
+        ("a slide being written", lambda out: lambda: any(slides(out).glob(".*.tmp")), None),
         *[(f"after {d:.2f} s", None, d) for d in random_delays(seconds, 2, seed=1)],
     ]
     killed = 0
@@ -156,7 +156,11 @@ def test_tile_killed_and_rerun_equals_uninterrupted(cohort: Path, tmp_path: Path
         out = tmp_path / f"run{index}" / "tiles.h5"
         out.parent.mkdir()
         command = histoduo("tile", *args, "-o", out)
-        killed += run_and_kill(command, tmp_path, condition(out) if condition else None, delay)
+        hit = run_and_kill(command, tmp_path, condition(out) if condition else None, delay)
+        # Each stage is reached before a run can end, so a stage kill that never fired means
+        # the condition watches the wrong files.
+        assert hit or condition is None, f"{label}: never seen before the run finished"
+        killed += hit
         run_to_end(command, tmp_path)
         _assert_same_store(out, reference)
         assert not leftovers(out.parent), label
@@ -192,7 +196,11 @@ def test_predict_killed_and_rerun_equals_uninterrupted(cohort: Path, tmp_path: P
     for index, (label, condition, delay) in enumerate(moments):
         out = tmp_path / f"run{index}"
         command = histoduo("predict", *args, "-o", out)
-        killed += run_and_kill(command, tmp_path, condition(out) if condition else None, delay)
+        hit = run_and_kill(command, tmp_path, condition(out) if condition else None, delay)
+        # Each stage is reached before a run can end, so a stage kill that never fired means
+        # the condition watches the wrong files.
+        assert hit or condition is None, f"{label}: never seen before the run finished"
+        killed += hit
         run_to_end(command, tmp_path)
         rows = _read_rows(out / "slides.csv")
         assert [r["slide"] for r in rows] == names, label  # each slide once, none missing
@@ -227,7 +235,11 @@ def test_train_resume_after_kill_equals_uninterrupted(cohort: Path, tmp_path: Pa
     for index, (label, condition, delay) in enumerate(moments):
         out = tmp_path / f"run{index}"
         command = histoduo("train", store, "-o", out, *TRAIN)
-        killed += run_and_kill(command, tmp_path, condition(out) if condition else None, delay)
+        hit = run_and_kill(command, tmp_path, condition(out) if condition else None, delay)
+        # Each stage is reached before a run can end, so a stage kill that never fired means
+        # the condition watches the wrong files.
+        assert hit or condition is None, f"{label}: never seen before the run finished"
+        killed += hit
         resume = ["--resume"] if (out / "last.pt").exists() else []
         run_to_end([*command, *resume], tmp_path)
         got, want = _read_rows(out / "metrics.csv"), _read_rows(reference / "metrics.csv")
