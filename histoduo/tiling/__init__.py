@@ -13,7 +13,7 @@ from histoduo.tiling.geometry import TileGeometry, open_overview, plan_tiles, ti
 from histoduo.tiling.labels import Labeller
 from histoduo.tiling.params import ENCODINGS, TilingParams
 from histoduo.tiling.report import SlideResult, TilingReport, summarise
-from histoduo.tiling.run import parts_dir_for, tile_slides
+from histoduo.tiling.run import tile_slides
 
 __all__ = [
     "ENCODINGS",
@@ -24,7 +24,6 @@ __all__ = [
     "TilingReport",
     "default_workers",
     "open_overview",
-    "parts_dir_for",
     "plan_tiles",
     "read_tile",
     "summarise",

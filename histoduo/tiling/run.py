@@ -45,7 +45,6 @@ from histoduo.store import (
     remove_unlisted,
     slide_file_path,
     store_class_names,
-    store_folder,
     store_version,
     trident_file_path,
     upgrade_hint,
@@ -61,11 +60,6 @@ from histoduo.tissue import NoTissueError, detect_tissue
 
 _CHUNK_TILES = 16  # small enough that the last chunks balance across workers
 _INDEX_EVERY_S = 5.0  # finished slides reach the index at least this often
-
-
-def parts_dir_for(out_path: Path) -> Path:
-    """Where a store's per-slide files live (format 2: the store's folder)."""
-    return store_folder(out_path)
 
 
 def _slide_extra(source: SlideSource, labels: Any) -> dict[str, Any]:
