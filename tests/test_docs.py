@@ -17,11 +17,10 @@ def test_cli_reference_is_current() -> None:
 
 
 def test_cli_reference_covers_every_command() -> None:
+    import typer
     from typer.testing import CliRunner
 
     from histoduo.cli import app
-
-    import typer
 
     text = (ROOT / "docs" / "cli.md").read_text()
     help_text = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"}).output

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from histoduo.runtime.files import atomic_write, remove_stale_temporaries, temporary_path
 
 

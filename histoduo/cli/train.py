@@ -97,7 +97,11 @@ def train_command(
     dropout: Dropout = 0.0,
     drop_path: DropPath = 0.0,
     preset: Annotated[
-        str, typer.Option("--preset", help="default, or authors (the DuoFormer authors' recipe, docs/training.md).")
+        str,
+        typer.Option(
+            "--preset",
+            help="default, or authors (the DuoFormer authors' recipe, docs/training.md).",
+        ),
     ] = "default",
     epochs: Annotated[
         int | None, typer.Option("--epochs", show_default=False, help="Epochs (default 10).")

@@ -1,7 +1,8 @@
 """QuPath-style GeoJSON: read annotations, write feature collections, rasterise, vectorise.
 
 Coordinates are always level-0 pixels, origin at the top-left of the full-resolution image,
-x first (the QuPath and CLAM/TRIDENT convention). A polygon is ``(exterior (K, 2) float, [hole (K, 2) float, ...])``.
+x first (the QuPath and CLAM/TRIDENT convention). A polygon is
+``(exterior (K, 2) float, [hole (K, 2) float, ...])``.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ class AugmentConfig:
 
 @dataclass
 class TrainConfig:
-    """How a model is trained. ``preset="authors"`` reproduces the DuoFormer authors' recipe (docs/training.md)."""
+    """How a model is trained. ``preset="authors"`` reproduces the DuoFormer authors' recipe
+    (docs/training.md)."""
 
     epochs: int = 10
     iterations_per_epoch: int | None = None  # None: one pass over the training tiles
@@ -92,9 +93,10 @@ class TrainConfig:
 
     @classmethod
     def authors(cls, **overrides: Any) -> TrainConfig:
-        """The DuoFormer authors' recipe (docs/training.md, section 5): Adam 1e-4 / wd 1e-4, OneCycle stepped every
-        iteration, class-balanced batches, 1000 iterations per epoch, jitter 0.1/0.1,
-        0-360 rotation, centre crop 282/400 then random crop, flips; eval centre crop."""
+        """The DuoFormer authors' recipe (docs/training.md, section 5): Adam 1e-4 / wd 1e-4,
+        OneCycle stepped every iteration, class-balanced batches, 1000 iterations per epoch,
+        jitter 0.1/0.1, 0-360 rotation, centre crop 282/400 then random crop, flips; eval
+        centre crop."""
         settings: dict[str, Any] = dict(
             preset="authors",
             optimizer="adam",
