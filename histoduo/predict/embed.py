@@ -299,6 +299,8 @@ def embed_store(
                     std=tuple(spec.std),  # type: ignore[arg-type]
                     extra={
                         "encoder_spec": spec.describe(),
+                        # what to pass to rebuild it (a checkpoint encoder's path)
+                        "encoder_arg": spec.checkpoint or spec.name,
                         "weights_file": Path(params.weights).name if params.weights else "",
                         "encoder_training_mpp": spec.mpp,
                         "tile_size_px": record.tile_size_px,
