@@ -95,11 +95,8 @@ class ModelConfig:
         for name in ("acp_levels", "cat_concepts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
-        if self.arch in FEATURE_ARCHS and (self.features_dim < 1 or not self.encoder):
-            raise ValueError(
-                f"arch {self.arch!r} is a head on cached features: it needs the encoder and "
-                "features_dim (train it with --features DIR/features_<encoder>)"
-            )
+        if self.features_dim < 0:
+            raise ValueError(f"features_dim must be >= 0, got {self.features_dim}")
         if self.hidden_dim < 1:
             raise ValueError(f"hidden_dim must be >= 1, got {self.hidden_dim}")
         if self.backbone_weights in ("", "none", "None"):

@@ -8,6 +8,7 @@ weights (``--encoder-weights``), and a file with another hash is refused.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,8 +30,11 @@ class FeatureHead(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        if config.features_dim < 1:
-            raise ValueError("a feature head needs features_dim (the encoder's embedding size)")
+        if config.features_dim < 1 or not config.encoder:
+            raise ValueError(
+                f"arch {config.arch!r} is a head on cached encoder features: train it with "
+                "--features DIR/features_<encoder> (written by histoduo embed)"
+            )
         self.config = config
         width = config.features_dim
         self.body: nn.Module
@@ -67,3 +71,39 @@ class EncodedClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head_model(self.encoder(x))
+
+
+def with_encoder(
+    head: FeatureHead, weights: str | Path | None, checkpoint: str | Path
+) -> nn.Module:
+    """The head behind the encoder that made its training features, from the user's local
+    weights; a weights file with another sha256 than the features' is refused (checked
+    before the model is built)."""
+    from histoduo.models.encoders import (
+        EncoderError,
+        build_encoder,
+        resolve_encoder,
+        resolve_weights_file,
+        sha256_file,
+    )
+
+    config = head.config
+    expected = config.encoder_weights_sha256
+    if weights is None:
+        raise EncoderError(
+            checkpoint,
+            f"this head classifies {config.encoder} features: pass that encoder's weights "
+            f"with --encoder-weights FILE (sha256 {expected[:16]}...)",
+        )
+    spec = resolve_encoder(str(config.encoder))
+    file = Path(spec.checkpoint) if spec.checkpoint else resolve_weights_file(weights)
+    if spec.checkpoint and Path(weights).resolve() != file.resolve():
+        raise EncoderError(weights, f"the features came from the checkpoint {file}: pass it")
+    digest = sha256_file(file)
+    if expected and digest != expected:
+        raise EncoderError(
+            file,
+            f"sha256 {digest[:16]}... is not the {expected[:16]}... of the weights that made "
+            f"this head's training features ({checkpoint}): another model or version",
+        )
+    return EncodedClassifier(build_encoder(spec, weights), head).eval()

@@ -42,6 +42,8 @@ class PredictParams:
     tissue: TissueParams = field(default_factory=TissueParams)
     grade: GradeParams = field(default_factory=GradeParams)
     thumbnail_max_px: int = THUMBNAIL_MAX_PX
+    # A head trained on cached features: the local weights of the encoder that made them.
+    encoder_weights: str | None = None
 
     def __post_init__(self) -> None:
         from histoduo.accel import check_decode, check_device_name
