@@ -176,3 +176,20 @@ def test_bad_inputs_fail_clearly(store: Path, tmp_path: Path) -> None:
             params,
         ).status.values()
     ) == {"written"}
+
+
+def test_embed_command(store: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from histoduo.cli import app
+
+    weights, _ = _weights(tmp_path / "w.safetensors", seed=0)
+    base = ["embed", str(store), "--encoder", SPEC.name, "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(app, [*base, "--weights", str(weights), "--workers", "0", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "2 written" in result.output and "trained at 0.5" in result.output
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not weights")
+    result = CliRunner().invoke(app, [*base, "--weights", str(bad), "-q"])
+    assert result.exit_code == 1 and str(bad) in result.output
+    assert "Traceback" not in result.output

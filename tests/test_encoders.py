@@ -235,3 +235,19 @@ def test_pickled_objects_are_refused_and_never_run(tmp_path: Path, tiny_specs) -
     (tmp_path / "empty").mkdir()
     with pytest.raises(EncoderError, match="model.safetensors or pytorch_model.bin"):
         build_encoder(tiny_specs[0], tmp_path / "empty")
+
+
+def test_encoders_command_lists_the_published_counts() -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from histoduo.cli import app
+
+    result = CliRunner().invoke(app, ["encoders", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in json.loads(result.output)}
+    for name, millions in PUBLISHED_M.items():
+        assert round(rows[name]["params"] / 1e6, 1) == millions
+    assert rows["virchow2"]["pooling"] == "cls_mean" and rows["virchow2"]["embedding_dim"] == 2560
+    assert rows["uni"]["source"].endswith("MahmoodLab/UNI")

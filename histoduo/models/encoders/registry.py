@@ -55,7 +55,7 @@ class EncoderSpec:
     mpp: float = 0.5  # resolution it was trained at, um/px
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    licence: str = ""
+    licence: str = ""  # short; as the card states it when written (docs/encoders.md)
     source: str = ""  # where the user downloads the weights (model card)
     gated: bool = False
     published_params_m: float | None = None  # millions, as published
@@ -84,7 +84,7 @@ class EncoderSpec:
 
 _VIT_COMMON: dict[str, Any] = {"img_size": 224, "init_values": 1e-5, "num_classes": 0}
 _SWIGLU: dict[str, Any] = {"mlp_layer": "swiglu_packed", "act_layer": "silu"}
-_NC_ND = "CC-BY-NC-ND 4.0: non-commercial research, no redistribution of the weights"
+_NC_ND = "CC-BY-NC-ND 4.0"  # non-commercial, no redistribution of the weights
 
 _BUILTIN: tuple[EncoderSpec, ...] = (
     EncoderSpec(
@@ -130,7 +130,7 @@ _BUILTIN: tuple[EncoderSpec, ...] = (
         },
         embedding_dim=2560,
         pooling="cls_mean",
-        licence="see the model card (Paige; non-commercial terms, no redistribution)",
+        licence="see card",
         source="https://huggingface.co/paige-ai/Virchow",
         gated=True,
         published_params_m=631.2,
@@ -160,7 +160,7 @@ _BUILTIN: tuple[EncoderSpec, ...] = (
         embedding_dim=1536,
         mean=_HOPTIMUS_MEAN,
         std=_HOPTIMUS_STD,
-        licence="Apache-2.0 (per the model card)",
+        licence="Apache-2.0",
         source="https://huggingface.co/bioptimus/H-optimus-0",
         gated=True,
         published_params_m=1134.8,
@@ -172,7 +172,7 @@ _BUILTIN: tuple[EncoderSpec, ...] = (
         embedding_dim=1536,
         mean=_HOPTIMUS_MEAN,
         std=_HOPTIMUS_STD,
-        licence="see the model card (Bioptimus; non-commercial terms, no redistribution)",
+        licence="see card",
         source="https://huggingface.co/bioptimus/H-optimus-1",
         gated=True,
         published_params_m=None,  # the card says ~1.1B; same architecture as H-optimus-0
@@ -190,7 +190,7 @@ _BUILTIN: tuple[EncoderSpec, ...] = (
             "mlp_ratio": 5.33334,
         },
         embedding_dim=1536,
-        licence="see the model card (Prov-GigaPath tile encoder; research use, no redistribution)",
+        licence="see card",
         source="https://huggingface.co/prov-gigapath/prov-gigapath",
         gated=True,
         published_params_m=1135.0,
