@@ -136,11 +136,11 @@ def fit_state_dict(trunk: nn.Module, tensors: dict[str, torch.Tensor], path: Pat
         if tuple(v.shape) != tuple(target[k].shape)
     ]
     if missing or shapes or unexpected:
-        detail = [
-            f"{len(state)} of {len(target)} model tensors found",
-            f"{len(missing)} missing (e.g. {', '.join(missing[:3]) or '-'})",
-            f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3]) or '-'})",
-        ]
+        detail = [f"{len(state)} of {len(target)} model tensors found by name"]
+        if missing:
+            detail.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
         if shapes:
             detail.append(f"{len(shapes)} with other shapes (e.g. {'; '.join(shapes[:3])})")
         raise EncoderError(
