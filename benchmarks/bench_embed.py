@@ -49,7 +49,7 @@ def _encoder(name: str):  # noqa: ANN202
 
 
 def _store(folder: Path, size: int) -> Path:
-    from histoduo.sources import SlideSource
+    from histoduo.slide.sources import SlideSource
     from histoduo.synthetic import SyntheticSlideSpec, write_synthetic_slide
     from histoduo.tiling import TilingParams, tile_slides
 
@@ -71,9 +71,10 @@ def _forward_only(embedder, store: Path) -> tuple[float, int]:  # noqa: ANN001
     import numpy as np
     import torch
 
-    from histoduo.decode import model_batch, read_encoded
-    from histoduo.preprocess import to_tensor_batch
+    from histoduo.models.preprocess import to_tensor_batch
+    from histoduo.runtime.decode import model_batch
     from histoduo.store import TileStore
+    from histoduo.store.read import read_encoded
 
     device = embedder.runtime.device
     batches = []

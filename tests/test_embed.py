@@ -39,7 +39,7 @@ SPEC = EncoderSpec(
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory, svs_slide, svs_slide_b) -> Path:  # noqa: ANN001
-    from histoduo.sources import SlideSource
+    from histoduo.slide.sources import SlideSource
     from histoduo.tiling import TilingParams, tile_slides
 
     register_encoder(SPEC, replace=True)
@@ -129,8 +129,8 @@ def test_embed_equals_timm_forward_and_resumes(store: Path, tmp_path: Path) -> N
 def test_checkpoint_as_encoder(store: Path, tmp_path: Path) -> None:
     from model_configs import tiny, tiny_meta
 
-    from histoduo.checkpoint import load_model, save_checkpoint
     from histoduo.models import build_model
+    from histoduo.models.checkpoint import load_model, save_checkpoint
 
     config = tiny(arch="resnet")
     ckpt = tmp_path / "runx" / "best.pt"

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from histoduo.checkpoint import CheckpointError, load_checkpoint, load_model
 from histoduo.models import ModelConfig
+from histoduo.models.checkpoint import CheckpointError, load_checkpoint, load_model
 from histoduo.models.encoders import EncoderSpec, create_trunk, register_encoder
 from histoduo.predict import PredictParams, predict_run
 from histoduo.predict.embed import EmbedParams, embed_store
@@ -40,7 +40,7 @@ def embedded(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     """Five labelled synthetic slides (1 um/px, 64 px), embedded by a tiny random ViT."""
     from safetensors.torch import save_file
 
-    from histoduo.sources import SlideSource
+    from histoduo.slide.sources import SlideSource
     from histoduo.synthetic import DEFAULT_CLASSES, SyntheticSlideSpec, write_synthetic_slide
     from histoduo.tiling import TilingParams, tile_slides
 

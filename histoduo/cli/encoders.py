@@ -96,7 +96,7 @@ def embed_command(
 ) -> None:
     """Features of every tile of every slide, in TRIDENT's layout, from local weights."""
     from histoduo.predict.embed import EmbedParams, embed_store
-    from histoduo.run.errors import HistoduoError
+    from histoduo.runtime.errors import HistoduoError
 
     try:
         params = EmbedParams(

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from histoduo.run.errors import HistoduoError
+from histoduo.runtime.errors import HistoduoError
 
 if TYPE_CHECKING:
     from histoduo.models.encoders import Encoder, EncoderSpec
@@ -62,7 +62,7 @@ class EmbedParams:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        from histoduo.accel import check_decode, check_device_name
+        from histoduo.runtime.device import check_decode, check_device_name
 
         check_device_name(self.device)
         check_decode(self.decode)
@@ -96,7 +96,7 @@ def output_lock(folder: Path) -> Iterator[None]:
     A lock file holds the writer's pid; a lock whose process is gone (a killed run) is
     taken over. (Issue 18's writer-lock helper replaces this body when it lands.)
     """
-    from histoduo.run.files import _alive
+    from histoduo.runtime.files import _alive
 
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_NAME
@@ -155,9 +155,9 @@ class TileEmbedder:
     """Encoder + device + precision + transform: store tiles in, (N, D) features out."""
 
     def __init__(self, encoder: Encoder, params: EmbedParams) -> None:
-        from histoduo.accel import Runtime, default_batch_size
-        from histoduo.decode import decode_on_device
         from histoduo.predict.engine import _TransformSpec
+        from histoduo.runtime.decode import decode_on_device
+        from histoduo.runtime.device import Runtime, default_batch_size
 
         spec = encoder.spec
         self.spec = spec
@@ -176,7 +176,7 @@ class TileEmbedder:
         )
 
     def workers(self) -> int:
-        from histoduo.accel import default_workers
+        from histoduo.runtime.pool import default_workers
 
         if self.params.workers is not None:
             return self.params.workers
@@ -186,7 +186,7 @@ class TileEmbedder:
         """A loader batch -> (B, D) float32 features."""
         import torch
 
-        from histoduo.decode import model_batch
+        from histoduo.runtime.decode import model_batch
 
         x = self.runtime.model_input(model_batch(x, self.runtime.device, self.transform.finish))
         with torch.inference_mode(), self.runtime.autocast():
@@ -197,8 +197,8 @@ class TileEmbedder:
     ) -> np.ndarray:
         from torch.utils.data import DataLoader
 
-        from histoduo.accel import loader_options
         from histoduo.predict.engine import StoreTiles, _worker_context
+        from histoduo.runtime.device import loader_options
 
         features = np.full((n_tiles, self.spec.embedding_dim), np.nan, dtype=np.float32)
         if n_tiles == 0:
@@ -232,8 +232,8 @@ def embed_store(
     ``encoder`` skips building one from ``params`` (tests and benchmarks pass a random one).
     """
     from histoduo.models.encoders import EncoderError, build_encoder, resolve_encoder
-    from histoduo.run.files import atomic_write_text, remove_stale_temporaries
-    from histoduo.run.progress import SlideProgress
+    from histoduo.runtime.files import atomic_write_text, remove_stale_temporaries
+    from histoduo.runtime.progress import SlideProgress
     from histoduo.store import TileStore, require_pixels
     from histoduo.store.features import (
         FeatureInfo,

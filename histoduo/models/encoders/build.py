@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from histoduo._torchcompat import import_timm
 from histoduo.models.encoders.registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -25,6 +24,7 @@ from histoduo.models.encoders.weights import (
     resolve_weights_file,
     sha256_file,
 )
+from histoduo.runtime.torchcompat import import_timm
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def _timm_spec(name: str) -> EncoderSpec:
 
 def _checkpoint_spec(path: Path) -> EncoderSpec:
     """A histoduo checkpoint as encoder: its classifier's pooled features (the head input)."""
-    from histoduo.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
+    from histoduo.models.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
 
     try:
         payload = load_checkpoint(path)
@@ -197,7 +197,7 @@ def build_encoder(
     """The encoder in eval mode with its weights: a local file (or folder), or the
     checkpoint the spec is. ``random_init`` (tests, benchmarks) builds without weights."""
     if spec.checkpoint is not None:
-        from histoduo.checkpoint import CheckpointError, load_model
+        from histoduo.models.checkpoint import CheckpointError, load_model
 
         if weights is not None and Path(weights).resolve() != Path(spec.checkpoint).resolve():
             raise EncoderError(weights, "a checkpoint encoder carries its own weights")
