@@ -136,16 +136,37 @@ def test_linear_head_trains_evaluates_and_predicts_slides(embedded, tmp_path: Pa
     assert not (tmp_path / "p2").exists() and not (tmp_path / "p3").exists()
 
 
-def test_mlp_head_and_wrong_architecture(embedded, tmp_path: Path) -> None:  # noqa: ANN001
-    store, _, features_dir, _ = embedded
-    result = train(
-        store,
-        tmp_path / "mlp",
-        _config(features_dir, epochs=1),
-        model_config=ModelConfig(arch="mlp", hidden_dim=16),
-        progress=False,
-    )
-    model, _ = load_model(result.best_checkpoint)
+def test_mlp_head_from_the_command_line(embedded, tmp_path: Path) -> None:  # noqa: ANN001
+    from typer.testing import CliRunner
+
+    from histoduo.cli import app
+
+    store, weights, features_dir, _ = embedded
+    run = tmp_path / "mlp"
+    common = ["--epochs", "1", "--iterations", "5", "--workers", "0", "--quiet"]
+    result = CliRunner().invoke(
+        app,
+        ["train", str(store), "--out", str(run), "--features", str(features_dir),
+         "--architecture", "mlp", "--hidden-dim", "16", *common],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    model, _ = load_model(run / "best.pt")
     assert model.head.in_features == 16
-    with pytest.raises(LabelError, match="--architecture linear or mlp"):
-        train(store, tmp_path / "x", _config(features_dir), progress=False)
+    result = CliRunner().invoke(
+        app, ["evaluate", str(store), "--model", str(run / "best.pt"), "--features",
+              str(features_dir), "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["n_tiles"] > 100
+    # a tile architecture on features, and a head without its encoder: clear errors
+    result = CliRunner().invoke(
+        app, ["train", str(store), "--out", str(tmp_path / "x"), "--features",
+              str(features_dir), *common],
+    )  # fmt: skip
+    assert result.exit_code == 1 and "--architecture linear or mlp" in result.output
+    result = CliRunner().invoke(
+        app, ["predict", "--tiles", str(store), "--model", str(run / "best.pt"), "--out",
+              str(tmp_path / "p")],
+    )  # fmt: skip
+    assert result.exit_code == 1 and "--encoder-weights" in result.output
+    assert "Traceback" not in result.output

@@ -108,3 +108,20 @@ def test_duoformer_on_vit_builds_trains_a_step_and_reports_flops(vit, tmp_path: 
 def test_vit_backbone_weights_are_never_downloaded(vit) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match="never downloaded"):
         build_model(_config(backbone_weights="timm"))
+
+
+def test_model_info_command_on_a_vit_backbone(vit) -> None:  # noqa: ANN001
+    import json
+
+    from typer.testing import CliRunner
+
+    from histoduo.cli import app
+
+    args = ["model-info", "--architecture", "duoformer", "--backbone", vit.name,
+            "--input-size", "32", "--patch-size", "16", "--embed-dim", "32", "--scale-depth",
+            "1", "--patch-depth", "1", "--scale-heads", "2", "--patch-heads", "2",
+            "--no-memory", "--json"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)["info"]
+    assert info["gflops_per_tile"] > 0 and info["params_trainable"] < info["params_total"]

@@ -2,14 +2,40 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from histoduo.cli._app import fail
 
-Arch = Annotated[str, typer.Option("--model", "--arch", help="duoformer, resnet or hybrid.")]
-Backbone = Annotated[str, typer.Option("--backbone", help="timm CNN name.")]
+Arch = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "--arch",
+        "--architecture",
+        help="duoformer, resnet or hybrid; linear or mlp: a head on --features.",
+    ),
+]
+Backbone = Annotated[
+    str,
+    typer.Option(
+        "--backbone",
+        help="timm CNN name, or a foundation-model ViT of `histoduo encoders` (uni, ...: "
+        "DuoFormer on its feature pyramid, experimental).",
+    ),
+]
+HiddenDim = Annotated[int, typer.Option("--hidden-dim", help="Hidden width of the mlp head.")]
+FeaturesDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--features",
+        help="Train/evaluate a head on cached features: DIR/features_<encoder> from "
+        "histoduo embed of this store.",
+        show_default=False,
+    ),
+]
 BackboneWeights = Annotated[
     str | None,
     typer.Option(
