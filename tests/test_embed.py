@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from typer.testing import CliRunner
 
+from histoduo.cli import app
 from histoduo.models.encoders import EncoderSpec, create_trunk, register_encoder
 from histoduo.predict.embed import LOCK_NAME, EmbedError, EmbedParams, embed_store
 from histoduo.store import TileStore
@@ -136,11 +138,12 @@ def test_checkpoint_as_encoder(store: Path, tmp_path: Path) -> None:
     ckpt = tmp_path / "runx" / "best.pt"
     ckpt.parent.mkdir()
     save_checkpoint(ckpt, build_model(config).state_dict(), tiny_meta(config, ["a", "b", "c"]))
-    result = embed_store(
-        store, tmp_path / "out", EmbedParams(encoder=str(ckpt), workers=0, quiet=True)
-    )
-    assert result.features_dir.name == "features_histoduo-runx-best"
-    assert result.warnings == []  # the checkpoint's own 1.0 um/px
+    # From the command line, as MIL users run it: the checkpoint is the encoder and its weights
+    args = ["embed", str(store), "--encoder", str(ckpt), "--out", str(tmp_path / "out")]
+    cli = CliRunner().invoke(app, [*args, "--workers", "0", "--quiet"])
+    assert cli.exit_code == 0, cli.output
+    assert "warning" not in cli.output  # the checkpoint's own 1.0 um/px
+    features_dir = tmp_path / "out" / "features_histoduo-runx-best"
     model, meta = load_model(ckpt)
     with TileStore(store) as tiles:
         slide = tiles.slides[1]
@@ -149,8 +152,9 @@ def test_checkpoint_as_encoder(store: Path, tmp_path: Path) -> None:
     x = (x - 0.5) / 0.25  # the checkpoint's normalisation; tiles already 64 px
     with torch.no_grad():
         expected = model.forward_features(x).numpy()
-    bag = read_feature_bag(feature_file_path(result.features_dir, slide))
+    bag = read_feature_bag(feature_file_path(features_dir, slide))
     assert bag.features.shape == (len(pixels), 512)
+    assert bag.info.extra["encoder_arg"] == str(ckpt)
     assert bag.info.weights_sha256 == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     np.testing.assert_allclose(bag.features, expected, atol=2e-2, rtol=2e-3)
 
@@ -179,10 +183,6 @@ def test_bad_inputs_fail_clearly(store: Path, tmp_path: Path) -> None:
 
 
 def test_embed_command(store: Path, tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from histoduo.cli import app
-
     weights, _ = _weights(tmp_path / "w.safetensors", seed=0)
     base = ["embed", str(store), "--encoder", SPEC.name, "--out", str(tmp_path / "o")]
     result = CliRunner().invoke(app, [*base, "--weights", str(weights), "--workers", "0", "-q"])
