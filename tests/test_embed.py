@@ -193,3 +193,12 @@ def test_embed_command(store: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, [*base, "--weights", str(bad), "-q"])
     assert result.exit_code == 1 and str(bad) in result.output
     assert "Traceback" not in result.output
+
+
+def test_features_beyond_float16_are_kept_in_float32() -> None:
+    from histoduo.predict.embed import _storage_dtype
+
+    small = np.ones((3, 4), dtype=np.float32)
+    assert _storage_dtype(small, "float16") == "float16"
+    assert _storage_dtype(small * 1e5, "float16") == "float32"
+    assert _storage_dtype(small * 1e5, "float32") == "float32"

@@ -200,7 +200,8 @@ class TileEmbedder:
         from histoduo.predict.engine import StoreTiles, _worker_context
         from histoduo.runtime.device import loader_options
 
-        features = np.full((n_tiles, self.spec.embedding_dim), np.nan, dtype=np.float32)
+        features = np.zeros((n_tiles, self.spec.embedding_dim), dtype=np.float32)
+        filled = np.zeros(n_tiles, dtype=bool)
         if n_tiles == 0:
             return features
         tiles = StoreTiles(str(store_path), slide, n_tiles, self.batch_size, self.transform)
@@ -214,9 +215,17 @@ class TileEmbedder:
         for indices, x in loader:
             rows = indices.numpy()
             features[rows] = self.forward(x)
+            filled[rows] = True
             on_batch(len(rows))
-        if np.isnan(features).any():
+        if not filled.all():
             raise EmbedError(store_path, f"slide {slide!r}: some tiles got no features")
+        bad = int((~np.isfinite(features).all(axis=1)).sum())
+        if bad:
+            raise EmbedError(
+                store_path,
+                f"slide {slide!r}: the encoder gave non-finite features for {bad} tiles "
+                "(damaged weights, or try --precision fp32)",
+            )
         return features
 
 
@@ -316,7 +325,7 @@ def embed_store(
                     features,
                     coords,
                     record.trident_attrs(),
-                    dtype=params.feature_dtype,
+                    dtype=_storage_dtype(features, params.feature_dtype),
                 )
             except HistoduoError as err:
                 if not params.skip_errors:
@@ -340,3 +349,12 @@ def embed_store(
         }
         atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=2, default=str))
     return result
+
+
+def _storage_dtype(features: np.ndarray, wanted: str) -> str:
+    """float16 halves the files, but values beyond its range would become inf: keep those
+    slides in float32 instead of writing damaged features."""
+    if wanted == "float16" and len(features) and np.abs(features).max() > np.finfo(np.float16).max:
+        log.warning("features exceed float16's range: stored as float32")
+        return "float32"
+    return wanted
