@@ -9,6 +9,7 @@ from __future__ import annotations
 # Importing the command modules registers their commands on ``app``.
 from histoduo.cli import (
     demo,  # noqa: F401
+    encoders,  # noqa: F401
     importer,  # noqa: F401
     models,  # noqa: F401
     predict,  # noqa: F401

@@ -6,6 +6,7 @@ CLI and the Python API cannot disagree; ``histoduo.models.config`` imports no to
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -16,7 +17,11 @@ from histoduo.models.config import ARCHS, ModelConfig
 MODEL_DEFAULTS = ModelConfig()
 
 Architecture = Annotated[
-    str, typer.Option("--architecture", help="Model to build: " + ", ".join(ARCHS) + ".")
+    str,
+    typer.Option(
+        "--architecture",
+        help="duoformer, resnet or hybrid; linear or mlp: a head on --features.",
+    ),
 ]
 # `--model` now means a checkpoint on every command; the old spellings of the architecture
 # flag keep working for one release, with a warning.
@@ -27,7 +32,24 @@ LegacyArchitecture = Annotated[
 LegacyArch = Annotated[
     str | None, typer.Option("--arch", hidden=True, help="Deprecated: use --architecture.")
 ]
-Backbone = Annotated[str, typer.Option("--backbone", help="timm CNN name.")]
+Backbone = Annotated[
+    str,
+    typer.Option(
+        "--backbone",
+        help="timm CNN name, or a foundation-model ViT of `histoduo encoders` (uni, ...: "
+        "DuoFormer on its feature pyramid, experimental).",
+    ),
+]
+HiddenDim = Annotated[int, typer.Option("--hidden-dim", help="Hidden width of the mlp head.")]
+FeaturesDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--features",
+        help="Train/evaluate a head on cached features: DIR/features_<encoder> from "
+        "histoduo embed of this store.",
+        show_default=False,
+    ),
+]
 BackboneWeights = Annotated[
     str | None,
     typer.Option(

@@ -133,6 +133,15 @@ def predict_command(
     overwrite: Overwrite = False,
     shard: Shard = None,
     trust_checkpoint: TrustCheckpoint = False,
+    encoder_weights: Annotated[
+        Path | None,
+        typer.Option(
+            "--encoder-weights",
+            help="For a head trained on cached features: the local weights of the encoder "
+            "that made them (checked by sha256).",
+            show_default=False,
+        ),
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Predict tile classes and a slide-level ccRCC grade for every slide.
@@ -174,6 +183,7 @@ def predict_command(
             tta=tta,
             heatmap=heatmap,
             backend=backend,
+            encoder_weights=str(encoder_weights) if encoder_weights else None,
             grade=GradeParams(
                 min_grade_fraction=min_grade_fraction,
                 min_grade_tiles=min_grade_tiles,

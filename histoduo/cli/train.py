@@ -20,7 +20,9 @@ from histoduo.cli._model_options import (
     Dropout,
     DropPath,
     EmbedDim,
+    FeaturesDir,
     FreezeBackbone,
+    HiddenDim,
     InteractionIn,
     LegacyArchitecture,
     PatchAttention,
@@ -105,6 +107,8 @@ def train_command(
     interaction_in: InteractionIn = MODEL_DEFAULTS.interaction_in,
     dropout: Dropout = MODEL_DEFAULTS.dropout,
     drop_path: DropPath = MODEL_DEFAULTS.drop_path,
+    features: FeaturesDir = None,
+    hidden_dim: HiddenDim = MODEL_DEFAULTS.hidden_dim,
     preset: Annotated[
         str,
         typer.Option(
@@ -210,7 +214,7 @@ def train_command(
     """Train DuoFormer (or a baseline) on the labelled tiles of a store, splitting by slide."""
     from rich.console import Console
 
-    from histoduo.models.checkpoint import CheckpointError
+    from histoduo.runtime.errors import HistoduoError
     from histoduo.store import StoreError
     from histoduo.training import LabelError, TrainConfig, train
     from histoduo.training.data import store_tile_size_px
@@ -232,6 +236,7 @@ def train_command(
         patch_block=patch_block, block_order=block_order, patch_attention=patch_attention,
         acp_levels=acp_levels, cat_concepts=cat_concepts, interaction_in=interaction_in,
         dropout=dropout, drop_path=drop_path,
+        hidden_dim=hidden_dim,
     )  # fmt: skip
     # Options left unset take the preset's value (the authors' recipe differs from ours).
     given = {
@@ -247,6 +252,7 @@ def train_command(
         class_display_names=shown_names,
         early_stopping_patience=patience, grad_accumulation=grad_accumulation, bf16=bf16,
         compile=compile_model, num_workers=workers, device=device, seed=seed,
+        features_dir=str(features) if features else None,
     )  # fmt: skip
     try:
         config = TrainConfig.from_preset(preset, hed_sigma=hed, **settings)
@@ -260,7 +266,7 @@ def train_command(
             log=console.print,
             trust_checkpoint=trust_checkpoint,
         )
-    except (LabelError, StoreError, CheckpointError, ValueError, RuntimeError) as exc:
+    except (LabelError, HistoduoError, ValueError, RuntimeError) as exc:
         raise fail(str(exc)) from None
     if not result.main_process:
         return  # under torchrun only rank 0 reports
@@ -287,11 +293,11 @@ def evaluate_command(
         typer.Option("--out", "-o", help="Write the report JSON here.", show_default=False),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    features: FeaturesDir = None,
     trust_checkpoint: TrustCheckpoint = False,
 ) -> None:
     """Balanced accuracy, per-class recall/precision/F1 and confusion matrix on a store."""
-    from histoduo.models.checkpoint import CheckpointError
-    from histoduo.store import StoreError
+    from histoduo.runtime.errors import HistoduoError
     from histoduo.training import LabelError, evaluate
 
     if split not in ("all", "train", "val", "test"):
@@ -305,8 +311,9 @@ def evaluate_command(
             slide_labels_csv=slide_labels,
             device=device,
             trust_checkpoint=trust_checkpoint,
+            features_dir=features,
         )
-    except (LabelError, StoreError, CheckpointError, ValueError) as exc:
+    except (LabelError, HistoduoError, ValueError) as exc:
         raise fail(str(exc)) from None
     if out is not None:
         from histoduo.runtime.files import atomic_write_text

@@ -22,9 +22,23 @@ class StageInfo:
     stride_px: int
 
 
+def is_encoder_backbone(backbone_name: str) -> bool:
+    """A foundation-model ViT of the encoder registry (``uni``...): a pyramid backbone."""
+    from histoduo.models.encoders import registered_encoders
+
+    return any(spec.name == backbone_name for spec in registered_encoders())
+
+
 def feature_levels(backbone_name: str) -> list[StageInfo]:
-    """All levels a timm CNN offers with ``features_only`` (built on the meta device: cheap)."""
+    """All levels a timm CNN offers with ``features_only`` (built on the meta device: cheap),
+    or the strides of a registry ViT's simple feature pyramid (encoders/pyramid.py)."""
     import torch
+
+    if is_encoder_backbone(backbone_name):
+        from histoduo.models.encoders import get_encoder_spec
+        from histoduo.models.encoders.pyramid import pyramid_levels
+
+        return [StageInfo(*level) for level in pyramid_levels(get_encoder_spec(backbone_name))]
 
     timm = import_timm()
     with torch.device("meta"):
@@ -67,10 +81,36 @@ def create_backbone(
     )
 
 
+def create_vit_pyramid(config: ModelConfig, out_indices: tuple[int, ...]) -> nn.Module:
+    """A registry ViT (frozen, local weights from ``backbone_weights`` or random) with the
+    pyramid levels ``out_indices``; hub downloads are refused (weights are the user's)."""
+    from histoduo.models.encoders import create_trunk, get_encoder_spec
+    from histoduo.models.encoders.build import load_trunk_weights
+    from histoduo.models.encoders.pyramid import ViTPyramid
+
+    spec = get_encoder_spec(config.backbone)
+    if config.backbone_weights == "timm":
+        raise ValueError(
+            f"{spec.name} weights are never downloaded: pass your local file with "
+            f"--backbone-weights (model card: {spec.source or 'see docs/encoders.md'})"
+        )
+    if config.backbone_weights is None:
+        trunk = create_trunk(spec)
+    else:
+        trunk, _, _ = load_trunk_weights(spec, config.backbone_weights)
+    return ViTPyramid(spec, trunk, out_indices)
+
+
 def input_normalization(
     backbone_name: str,
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) the backbone expects on 0-1 RGB input: timm's pretrained cfg, else ImageNet."""
+    """(mean, std) the backbone expects on 0-1 RGB input: the encoder registry's (model
+    cards), timm's pretrained cfg, else ImageNet."""
+    if is_encoder_backbone(backbone_name):
+        from histoduo.models.encoders import get_encoder_spec
+
+        spec = get_encoder_spec(backbone_name)
+        return tuple(spec.mean), tuple(spec.std)
     timm = import_timm()
     try:
         cfg = timm.models.get_pretrained_cfg(backbone_name)

@@ -6,13 +6,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Arch = Literal["duoformer", "resnet", "hybrid"]
+Arch = Literal["duoformer", "resnet", "hybrid", "linear", "mlp"]
 ScaleToken = Literal["learned", "conv", "first", "mean"]
 PatchBlock = Literal["faithful", "prenorm"]
 BlockOrder = Literal["sequential", "interleaved"]
 InteractionIn = Literal["scale", "patch", "both"]
 
-ARCHS: tuple[str, ...] = ("duoformer", "resnet", "hybrid")
+ARCHS: tuple[str, ...] = ("duoformer", "resnet", "hybrid", "linear", "mlp")
+# Heads on cached encoder features (models/heads.py): no backbone, input (B, features_dim).
+FEATURE_ARCHS: tuple[str, ...] = ("linear", "mlp")
 SCALE_TOKENS: tuple[str, ...] = ("learned", "conv", "first", "mean")
 PATCH_BLOCKS: tuple[str, ...] = ("faithful", "prenorm")
 BLOCK_ORDERS: tuple[str, ...] = ("sequential", "interleaved")
@@ -64,6 +66,12 @@ class ModelConfig:
     acp_levels: int = 0
     cat_concepts: int = 0
     interaction_in: InteractionIn = "both"
+    # Heads on features (arch linear/mlp): the encoder that made them (what rebuilds it: a
+    # registry name, timm:<model> or a checkpoint path), its weights file's sha256, width.
+    encoder: str | None = None
+    encoder_weights_sha256: str = ""
+    features_dim: int = 0
+    hidden_dim: int = 512  # the mlp head's hidden width
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, kept verbatim
 
     def __post_init__(self) -> None:
@@ -87,6 +95,10 @@ class ModelConfig:
         for name in ("acp_levels", "cat_concepts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
+        if self.features_dim < 0:
+            raise ValueError(f"features_dim must be >= 0, got {self.features_dim}")
+        if self.hidden_dim < 1:
+            raise ValueError(f"hidden_dim must be >= 1, got {self.hidden_dim}")
         if self.backbone_weights in ("", "none", "None"):
             self.backbone_weights = None
 

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import logging
 
-from histoduo.models.backbone import create_backbone, feature_levels, resolve_stages
+from histoduo.models.backbone import (
+    create_backbone,
+    create_vit_pyramid,
+    feature_levels,
+    is_encoder_backbone,
+    resolve_stages,
+)
 from histoduo.models.baselines import CNNClassifier, HybridViT
-from histoduo.models.config import ModelConfig
+from histoduo.models.config import FEATURE_ARCHS, ModelConfig
 from histoduo.models.duoformer import DuoFormer, HistoClassifier
 from histoduo.models.weights import check_hub_reachable, load_backbone_file, offline_hint
 
@@ -15,6 +21,8 @@ log = logging.getLogger(__name__)
 
 def validate_config(config: ModelConfig) -> None:
     """Checks that need the backbone's strides; raises ValueError with the reason."""
+    if config.arch in FEATURE_ARCHS:
+        return  # no backbone: ModelConfig checked the head's fields
     levels = feature_levels(config.backbone)
     stages = [levels[i] for i in resolve_stages(config, levels)]
     interactions = config.acp_levels > 0 or config.cat_concepts > 0
@@ -75,11 +83,17 @@ def build_model(config: ModelConfig, *, trust_weights: bool = False) -> HistoCla
     ``trust_weights`` allows a pickled (torch.save) backbone weights file; see weights.py.
     """
     validate_config(config)
+    if config.arch in FEATURE_ARCHS:
+        from histoduo.models.heads import FeatureHead
+
+        return FeatureHead(config)  # type: ignore[return-value]
     levels = feature_levels(config.backbone)
     out_indices = resolve_stages(config, levels)
     stages = [levels[i] for i in out_indices]
     pretrained = config.backbone_weights == "timm"
-    if pretrained:
+    if is_encoder_backbone(config.backbone):
+        backbone = create_vit_pyramid(config, out_indices)
+    elif pretrained:
         check_hub_reachable(config.backbone)
         try:
             backbone = create_backbone(config, out_indices, pretrained=True)
@@ -87,7 +101,11 @@ def build_model(config: ModelConfig, *, trust_weights: bool = False) -> HistoCla
             raise offline_hint(config.backbone, err) from err
     else:
         backbone = create_backbone(config, out_indices)
-    if config.backbone_weights is not None and not pretrained:
+    if (
+        config.backbone_weights is not None
+        and not pretrained
+        and not is_encoder_backbone(config.backbone)
+    ):
         report = load_backbone_file(backbone, config.backbone_weights, trust=trust_weights)
         log.info("backbone weights: %s", report.summary())
         if report.missing:

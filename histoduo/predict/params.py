@@ -40,6 +40,8 @@ class PredictParams:
     tissue: TissueParams = field(default_factory=TissueParams)
     grade: GradeParams = field(default_factory=GradeParams)
     thumbnail_max_px: int = THUMBNAIL_MAX_PX
+    # A head trained on cached features: the local weights of the encoder that made them.
+    encoder_weights: str | None = None
 
     def __post_init__(self) -> None:
         from histoduo.runtime.device import check_decode, check_device_name, check_precision

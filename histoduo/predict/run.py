@@ -169,7 +169,12 @@ def predict_run(
     out = Path(out_dir)
     started = time.time()
     if model_and_meta is None:
-        model, meta = load_model(checkpoint, trust=trust_checkpoint)  # pickles need trust
+        model, meta = load_model(  # pickles need trust; feature heads their encoder
+            checkpoint,
+            trust=trust_checkpoint,
+            encoder_weights=params.encoder_weights,
+            for_tiles=True,
+        )
     else:
         model, meta = model_and_meta
     predictor = TilePredictor(model, meta, params)

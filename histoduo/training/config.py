@@ -59,6 +59,9 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     preset: str = "default"
+    # Train a head (arch linear/mlp) on cached encoder features instead of tiles:
+    # a ``features_<encoder>`` folder written by ``histoduo embed`` from this store.
+    features_dir: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, dict):

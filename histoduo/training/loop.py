@@ -285,7 +285,9 @@ def _final_report(
         if not len(rows):
             continue
         loader = _loader(
-            _dataset(session.store_path, rows, session.eval_transform, session.encoded),
+            _dataset(
+                session.store_path, rows, session.eval_transform, session.encoded, session.features
+            ),
             SequentialBatches(len(rows), 64),
             session.workers,
             session.device,
@@ -330,8 +332,12 @@ def evaluate(
     trust_checkpoint: bool = False,
     decode: str = "auto",
     precision: str = "auto",
+    features_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """The classification report of a checkpoint on a store's labelled tiles.
+
+    A head trained on cached features is evaluated on ``features_dir`` (the store's
+    ``features_<encoder>`` folder, made with the same weights: checked by hash).
 
     ``split`` other than "all" needs ``splits_csv`` (default: ``splits.csv`` beside the
     checkpoint, as ``train`` writes it). On a GPU the model runs as ``predict`` runs it
@@ -342,7 +348,9 @@ def evaluate(
 
     model, meta = load_model(checkpoint, trust=trust_checkpoint)
     store = TileStore(store_path)
-    require_pixels(store)
+    head = meta.model_config.get("arch") in ("linear", "mlp")
+    if not head:
+        require_pixels(store)
     table = tile_table(store, slide_labels_csv)
     if table.class_names != meta.class_names:
         raise LabelError(
@@ -365,11 +373,15 @@ def evaluate(
     runtime = Runtime.create(device, precision)
     model = runtime.prepare_model(model)
     encoded = decode_on_device(decode, runtime.device)
+    features = None
+    if head:
+        features = _head_features(checkpoint, meta, features_dir, store, rows)
+        encoded, num_workers = False, 0  # in memory: nothing to decode
     if num_workers is None:
         num_workers = default_workers("bytes") if encoded else _workers(TrainConfig())
     transform = EvalTransform(meta.input_size_px, meta.mean, meta.std, meta.eval_resize)
     loader = _loader(
-        _dataset(Path(store_path), rows, transform, encoded),
+        _dataset(Path(store_path), rows, transform, encoded, features),
         SequentialBatches(len(rows), batch_size or default_batch_size(runtime.device)),
         num_workers,
         runtime.device,
@@ -388,3 +400,29 @@ def evaluate(
         "peak_gpu_memory_gib": runtime.peak_memory_gib(),
     }
     return report
+
+
+def _head_features(
+    checkpoint: str | Path,
+    meta: CheckpointMeta,
+    features_dir: str | Path | None,
+    store: TileStore,
+    rows: pd.DataFrame,
+) -> Any:
+    """The cached features a feature head is evaluated on, from the same encoder weights."""
+    from histoduo.training.features import load_feature_set
+
+    encoder = meta.model_config.get("encoder")
+    if features_dir is None:
+        raise LabelError(
+            f"{checkpoint}: a head on {encoder} features; pass --features "
+            "DIR/features_<encoder> (histoduo embed of this store)"
+        )
+    features = load_feature_set(features_dir, store, sorted(rows["slide"].unique()))
+    expected = meta.model_config.get("encoder_weights_sha256", "")
+    if features.info.weights_sha256 != expected:
+        raise LabelError(
+            f"{features_dir}: features made with weights {features.info.weights_sha256[:16]}..., "
+            f"the head {checkpoint} was trained on {expected[:16]}... features"
+        )
+    return features

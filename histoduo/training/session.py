@@ -6,6 +6,7 @@ everything an epoch needs; ``loop.train`` then runs epochs over it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -30,6 +31,7 @@ from histoduo.training.data import (
     read_splits,
     tile_table,
 )
+from histoduo.training.features import FeatureBatches, FeatureSet, load_feature_set
 
 
 @dataclass
@@ -104,10 +106,22 @@ def _rows(table: TileTable, split_of: dict[str, str], split: str) -> pd.DataFram
 
 
 def _dataset(
-    store_path: Path, rows: pd.DataFrame, transform: Any, encoded: bool = False
+    store_path: Path,
+    rows: pd.DataFrame,
+    transform: Any,
+    encoded: bool = False,
+    features: FeatureSet | None = None,
 ) -> TileBatches:
-    """Workers decode + transform, or (``encoded``) only read, for the GPU (decode.py)."""
+    """Workers decode + transform, or (``encoded``) only read, for the GPU (decode.py);
+    with ``features``, the rows' cached encoder features instead of tiles."""
     from histoduo.training.data import EncodedTileBatches
+
+    if features is not None:
+        labels = rows["label"].to_numpy()
+        batches = FeatureBatches(
+            features.rows(rows["slide"].to_numpy(), rows["tile"].to_numpy()), labels
+        )
+        return batches  # type: ignore[return-value]
 
     return (EncodedTileBatches if encoded else TileBatches)(
         store_path,
@@ -159,6 +173,7 @@ class TrainSession:
     train_set: TileBatches
     val_loader: Any
     eval_transform: EvalTransform
+    features: FeatureSet | None = None  # training a head on cached encoder features
 
 
 def _runtime(config: TrainConfig) -> tuple[_Dist, Any, bool]:
@@ -188,7 +203,8 @@ def _data(
     if not store.slides:
         raise LabelError(f"{store_path}: the tile store holds no complete slides")
     _check_store_geometry(store)
-    require_pixels(store)  # a --dry-run store would fail at the first batch
+    if config.features_dir is None:
+        require_pixels(store)  # a --dry-run store would fail at the first batch
     table = tile_table(store, config.slide_labels_csv, config.split_by)
     unnamed = sorted(set(config.class_display_names) - set(table.class_names))
     if unnamed:
@@ -278,11 +294,22 @@ def setup_session(
     store, table, split_of, train_rows, val_rows, test_rows = _data(store_path, config)
     n_classes = len(table.class_names)
     model_config = model_config or ModelConfig()
+    features = None
+    if config.features_dir is not None:
+        features = load_feature_set(
+            config.features_dir, store, sorted(table.frame["slide"].unique())
+        )
+        model_config = _head_config(model_config, features)
+        encoded = False  # nothing to decode
+        config = dataclasses.replace(config, channels_last=False)  # (B, D) batches
     if model_config.num_classes != n_classes:
         model_config = model_config.replace(num_classes=n_classes)
     _seed_everything(config.seed)
     model = build_model(model_config, trust_weights=trust_weights)
-    mean, std = (list(v) for v in model.normalization)
+    if features is not None:  # the encoder's input statistics, for predict on slides
+        mean, std = list(features.info.mean), list(features.info.std)
+    else:
+        mean, std = (list(v) for v in model.normalization)
     model = model.to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -295,9 +322,9 @@ def setup_session(
     eval_resize = "center_crop" if config.augment.center_crop_fraction < 1.0 else "resize"
     eval_transform = EvalTransform(model_config.input_size_px, mean, std, eval_resize)
     sampler, iterations = _sampler(config, train_rows, dist)
-    workers = _workers(config)
+    workers = 0 if features is not None else _workers(config)  # features are in memory
     val_loader = _loader(
-        _dataset(store_path, val_rows, eval_transform, encoded),
+        _dataset(store_path, val_rows, eval_transform, encoded, features),
         SequentialBatches(len(val_rows), max(config.batch_size, 64)),
         workers,
         device,
@@ -327,7 +354,27 @@ def setup_session(
         sampler=sampler,
         iterations=iterations,
         workers=workers,
-        train_set=_dataset(store_path, train_rows, train_transform, encoded),
+        train_set=_dataset(store_path, train_rows, train_transform, encoded, features),
         val_loader=val_loader,
         eval_transform=eval_transform,
+        features=features,
+    )
+
+
+def _head_config(model_config: Any, features: FeatureSet) -> Any:
+    """The head's config: the architecture asked for, the encoder the features came from."""
+    from histoduo.models.config import FEATURE_ARCHS
+
+    if model_config.arch not in FEATURE_ARCHS:
+        raise LabelError(
+            f"{features.folder}: cached features train a head: --architecture "
+            f"{' or '.join(FEATURE_ARCHS)}, not {model_config.arch}"
+        )
+    return model_config.replace(
+        encoder=features.encoder_arg,
+        encoder_weights_sha256=features.info.weights_sha256,
+        features_dim=features.embedding_dim,
+        input_size_px=features.info.input_size_px,
+        backbone=features.encoder,
+        stages=None,
     )
