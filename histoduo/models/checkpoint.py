@@ -294,13 +294,11 @@ def load_model(
     map_location: str = "cpu",
     *,
     trust: bool = False,
-    encoder_weights: str | Path | None = None,
-    for_tiles: bool = False,
 ) -> tuple[Any, CheckpointMeta]:
     """(model in eval mode, meta) rebuilt from a checkpoint alone.
 
-    A head on cached features (arch linear/mlp) takes features; ``for_tiles`` puts its
-    encoder in front, rebuilt from ``encoder_weights`` (the user's file, hash-checked)."""
+    A head on cached features (arch linear/mlp) takes features; :func:`histoduo.models.heads.
+    load_tile_model` puts its encoder in front for tiles."""
     from histoduo.models import ModelConfig, build_model
 
     payload = load_checkpoint(path, map_location, trust=trust)
@@ -316,14 +314,6 @@ def load_model(
     except RuntimeError as exc:
         raise CheckpointError(path, f"weights do not fit the stored model config ({exc})") from exc
     model.eval()
-    if for_tiles and config.arch in ("linear", "mlp"):
-        from histoduo.models.encoders import EncoderError
-        from histoduo.models.heads import with_encoder
-
-        try:
-            model = with_encoder(model, encoder_weights, path)
-        except EncoderError as exc:
-            raise CheckpointError(exc.path, exc.reason) from exc
     return model, meta
 
 

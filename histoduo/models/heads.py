@@ -9,10 +9,12 @@ weights (``--encoder-weights``), and a file with another hash is refused.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from histoduo.models.config import FEATURE_ARCHS
 
 if TYPE_CHECKING:
     from histoduo.models.config import ModelConfig
@@ -107,3 +109,25 @@ def with_encoder(
             f"this head's training features ({checkpoint}): another model or version",
         )
     return EncodedClassifier(build_encoder(spec, weights), head).eval()
+
+
+def load_tile_model(
+    path: str | Path,
+    map_location: str = "cpu",
+    *,
+    trust: bool = False,
+    encoder_weights: str | Path | None = None,
+) -> tuple[nn.Module, Any]:
+    """(model that takes tiles, meta) from a checkpoint: a head on cached features gets its
+    encoder in front, rebuilt from ``encoder_weights`` (the user's file, hash-checked); any
+    other model takes tiles already."""
+    from histoduo.models.checkpoint import CheckpointError, load_model
+    from histoduo.models.encoders import EncoderError
+
+    model, meta = load_model(path, map_location, trust=trust)
+    if meta.model_config.get("arch") in FEATURE_ARCHS:
+        try:
+            model = with_encoder(model, encoder_weights, path)
+        except EncoderError as exc:
+            raise CheckpointError(exc.path, exc.reason) from exc
+    return model, meta

@@ -163,17 +163,14 @@ def predict_run(
     first failing slide stops the run (after the manifest and slides.csv are written) by
     raising its SlideError. Raises CheckpointError for files that are not histoduo checkpoints.
     """
-    from histoduo.models.checkpoint import load_model
+    from histoduo.models.heads import load_tile_model
 
     say = log or (lambda message: None)
     out = Path(out_dir)
     started = time.time()
     if model_and_meta is None:
-        model, meta = load_model(  # pickles need trust; feature heads their encoder
-            checkpoint,
-            trust=trust_checkpoint,
-            encoder_weights=params.encoder_weights,
-            for_tiles=True,
+        model, meta = load_tile_model(  # pickles need trust; feature heads their encoder
+            checkpoint, trust=trust_checkpoint, encoder_weights=params.encoder_weights
         )
     else:
         model, meta = model_and_meta
