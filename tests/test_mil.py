@@ -266,3 +266,22 @@ def test_bad_label_csv_is_a_clear_error(cohort, tmp_path: Path, content, grades,
     assert isinstance(info.value, HistoduoError)
     assert str(labels) in str(info.value) and message in str(info.value)
     assert not (tmp_path / "bad" / "best.pt").exists()
+
+
+def test_slide_label_cohort_is_decided_by_small_foci(tmp_path: Path) -> None:
+    from histoduo.synthetic import SyntheticSlideSpec
+    from histoduo.synthetic.cohort import write_slide_label_cohort
+
+    base = SyntheticSlideSpec(level0_width=768, level0_height=512, level_downsamples=(1,))
+    slides, labels_csv = write_slide_label_cohort(tmp_path, 2, base, focus_fraction=0.02)
+    labels = pd.read_csv(labels_csv)
+    assert list(labels.columns) == ["slide", "label", "patient"]
+    assert list(labels["label"]) == ["low_grade", "high_grade"]
+    for slide, label in zip(slides, labels["label"]):
+        high = slide.class_area_fractions()["high_grade"]
+        truth = json.loads(slide.truth_geojson.read_text())
+        named = {f["properties"]["classification"]["name"] for f in truth["features"]}
+        if label == "high_grade":  # one or two foci of 2 % of the tissue each
+            assert 0.01 < high < 0.05 and "high_grade" in named
+        else:
+            assert high == 0 and "high_grade" not in named
