@@ -285,3 +285,60 @@ def test_slide_label_cohort_is_decided_by_small_foci(tmp_path: Path) -> None:
             assert 0.01 < high < 0.05 and "high_grade" in named
         else:
             assert high == 0 and "high_grade" not in named
+
+
+# --- the slide model in predict --------------------------------------------------------------
+
+
+def test_slide_model_calls_a_slide_and_draws_its_attention(abmil_run, cohort, tmp_path) -> None:  # noqa: ANN001
+    from histoduo.predict.slide_model import SlideModel, SlideModelError, write_slide_model_outputs
+    from histoduo.store.features import FeatureInfo, read_feature_bag
+
+    model = SlideModel(abmil_run.run_dir / "best.pt")
+    predictions = pd.read_csv(abmil_run.run_dir / "predictions.csv")
+    right = predictions[(predictions["split"] == "test") & (predictions["label"] == "high_grade")]
+    right = right[right["predicted"] == "high_grade"].iloc[0]
+    bag = read_feature_bag(cohort.features_dir / f"{right['slide']}.h5")
+    model.check_features(bag.info, "features")
+    result = model.call(bag.features)
+    assert result.call == "high_grade"
+    assert result.confidence == pytest.approx(right["prob_high_grade"], abs=1e-4)
+    assert result.agrees_with("high_grade") is True
+    assert result.agrees_with("low_grade") is False
+    assert result.agrees_with(None) is None
+    other = FeatureInfo(slide="x", encoder="uni", embedding_dim=16, mpp=0.5, input_size_px=224)
+    with pytest.raises(SlideModelError, match="uni"):
+        model.check_features(other, "features")
+
+    fields = write_slide_model_outputs(
+        tmp_path,
+        bag.slide,
+        result,
+        bag.coords,
+        tile_size_level0=COHORT.tile_size_px,
+        level0_size=(COHORT.grid_side * COHORT.tile_size_px,) * 2,
+        slide_mpp=0.5,
+        rule_call="low_grade",
+        thumbnail_downsample=COHORT.tile_size_px,  # one cell per tile
+    )
+    assert fields == {
+        "mil_call": "high_grade",
+        "mil_confidence": pytest.approx(result.confidence, abs=1e-6),
+        "mil_agrees": False,
+    }
+    assert json.loads((tmp_path / "mil.json").read_text())["mil_agrees"] is False
+    assert (tmp_path / "attention_map.png").stat().st_size > 5000
+
+    from histoduo.predict.slide_model import attention_grid
+
+    grid = attention_grid(
+        bag.coords,
+        result.attention_for_call(),
+        COHORT.tile_size_px,
+        (COHORT.grid_side * COHORT.tile_size_px,) * 2,
+        COHORT.tile_size_px,
+    )
+    top = int(np.argmax(result.attention_for_call()))
+    x, y = bag.coords[top] // COHORT.tile_size_px
+    assert grid[y, x] == 1.0 and np.nanmax(grid) == 1.0
+    assert np.isnan(grid).sum() == grid.size - len(bag.coords)  # only tiles are painted
