@@ -342,3 +342,58 @@ def test_slide_model_calls_a_slide_and_draws_its_attention(abmil_run, cohort, tm
     x, y = bag.coords[top] // COHORT.tile_size_px
     assert grid[y, x] == 1.0 and np.nanmax(grid) == 1.0
     assert np.isnan(grid).sum() == grid.size - len(bag.coords)  # only tiles are painted
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def test_train_mil_command(cohort, tmp_path: Path) -> None:  # noqa: ANN001
+    from typer.testing import CliRunner
+
+    from histoduo.cli import app
+
+    out = tmp_path / "cli_run"
+    args = ["train-mil", str(cohort.features_dir), "--labels", str(cohort.labels_csv)]
+    args += ["--out", str(out), "--epochs", "1", "--workers", "0", "--threads", "1", "--quiet"]
+    result = CliRunner().invoke(app, [*args, "--aggregator", "mean", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "test: balanced_accuracy" in result.output
+    assert json.loads((out / "config.json").read_text())["train_mil"]["aggregator"] == "mean"
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("slide,label\nslide_0000,low_grade\nmissing_slide,high_grade\n")
+    args[3] = str(bad)
+    result = CliRunner().invoke(app, [*args[:5], str(tmp_path / "bad_run"), *args[6:]])
+    assert result.exit_code == 1
+    assert "bad.csv" in result.output and "missing_slide" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_train_mil_command_defaults_are_the_config_defaults() -> None:
+    import dataclasses
+    import inspect
+
+    from histoduo.cli.mil import train_mil_command
+
+    defaults = {f.name: f.default for f in dataclasses.fields(MILConfig)}
+    renamed = {"patience": "early_stopping_patience", "workers": "num_workers"}
+    checked = 0
+    for name, parameter in inspect.signature(train_mil_command).parameters.items():
+        key = renamed.get(name, name)
+        if key in defaults and parameter.default is not inspect.Parameter.empty:
+            assert parameter.default == defaults[key], name
+            checked += 1
+    assert checked >= 15
+
+
+def test_synth_cohort_command(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from histoduo.cli import app
+
+    args = ["synth", str(tmp_path / "c"), "--cohort", "2", "--width", "512", "--height", "384"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    labels = pd.read_csv(tmp_path / "c" / "slides.csv")
+    assert list(labels["label"]) == ["low_grade", "high_grade"]
+    assert all((tmp_path / "c" / f"{s}.svs").is_file() for s in labels["slide"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 from histoduo.cli import (
     demo,  # noqa: F401
     importer,  # noqa: F401
+    mil,  # noqa: F401
     models,  # noqa: F401
     predict,  # noqa: F401
     slides,  # noqa: F401
