@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from histoduo.models.mil import AGGREGATORS, MILModelConfig, build_mil_model, load_mil_model
-from histoduo.run.errors import HistoduoError
+from histoduo.runtime.errors import HistoduoError
 from histoduo.synthetic.cohort import FeatureCohortSpec, write_feature_cohort
 from histoduo.training.metrics import one_vs_rest_auc, quadratic_weighted_kappa
 from histoduo.training.mil import MILConfig, MILLabelError, train_mil

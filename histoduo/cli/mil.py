@@ -115,7 +115,7 @@ def train_mil_command(
     """Learn the slide's label from slide labels (attention MIL on tile features)."""
     from rich.console import Console
 
-    from histoduo.run.errors import HistoduoError
+    from histoduo.runtime.errors import HistoduoError
     from histoduo.training.mil import MILConfig, train_mil
 
     console = Console(stderr=True)

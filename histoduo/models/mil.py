@@ -219,7 +219,7 @@ def is_mil_checkpoint_meta(model_config: dict[str, Any]) -> bool:
 
 def load_mil_model(path: str | Path, map_location: str = "cpu") -> tuple[Any, Any]:
     """(model in eval mode, CheckpointMeta) from a ``train-mil`` checkpoint (safetensors)."""
-    from histoduo.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
+    from histoduo.models.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
 
     payload = load_checkpoint(path, map_location)
     meta = CheckpointMeta.from_dict(payload["meta"])

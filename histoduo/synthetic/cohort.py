@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from histoduo.run.files import atomic_write, atomic_write_text
-from histoduo.synthetic.spec import SyntheticSlide, SyntheticSlideSpec
+from histoduo.runtime.files import atomic_write, atomic_write_text
+from histoduo.synthetic.layout import SyntheticSlide
+from histoduo.synthetic.spec import SyntheticSlideSpec
 
 COHORT_LABELS = ("low_grade", "high_grade")
 COHORT_CLASSES = ("normal", "low_grade", "high_grade")

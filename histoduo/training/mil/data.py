@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from histoduo.run.errors import HistoduoError
+from histoduo.runtime.errors import HistoduoError
 from histoduo.store.features import FeatureInfo, feature_files, read_feature_bag, read_feature_info
 from histoduo.training.data import SPLITS, TileTable, make_splits
 
@@ -168,7 +168,7 @@ def fold_splits(cohort: Cohort, folds: int, fold: int, seed: int) -> dict[str, s
 
 
 def write_splits_csv(path: Path, cohort: Cohort, split_of: dict[str, str]) -> None:
-    from histoduo.run.files import atomic_write
+    from histoduo.runtime.files import atomic_write
 
     with atomic_write(path, "w", newline="") as handle:
         writer = csv.writer(handle)

@@ -20,16 +20,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from histoduo.checkpoint import CheckpointMeta, ClassRoles, load_checkpoint, save_checkpoint
-from histoduo.models.mil import MILModelConfig, build_mil_model, load_mil_model
-from histoduo.run.files import atomic_write, atomic_write_text, remove_stale_temporaries
-from histoduo.run.progress import EpochProgress
+from histoduo.grading import ClassRoles
+from histoduo.models.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from histoduo.models.mil import MILModelConfig, build_mil_model
+from histoduo.runtime.files import atomic_write, atomic_write_text, remove_stale_temporaries
+from histoduo.runtime.progress import EpochProgress
 from histoduo.training.data import LabelError
-from histoduo.training.metrics import (
-    classification_report,
-    one_vs_rest_auc,
-    quadratic_weighted_kappa,
-)
 from histoduo.training.mil.config import MILConfig
 from histoduo.training.mil.data import (
     BagDataset,
@@ -43,8 +39,8 @@ from histoduo.training.mil.data import (
     split_by_patient,
     write_splits_csv,
 )
-
-METRICS = ("balanced_accuracy", "macro_f1", "auc", "qwk")
+from histoduo.training.mil.report import METRICS, evaluate, final_report, summarise_folds
+from histoduo.training.mil.run import MILRun
 
 
 @dataclass
@@ -97,7 +93,7 @@ def train_mil(
                 _train_one(config, cohort, fold_dir, split_of, resume_fold, progress, say)
             )
         dirs.append(fold_dir)
-    summary = _summarise_folds(config, cohort, reports)
+    summary = summarise_folds(config, cohort, reports)
     atomic_write_text(out / "report.json", json.dumps(summary, indent=2))
     atomic_write_text(out / "config.json", json.dumps(_config_json(config, cohort), indent=2))
     for split in ("val", "test"):
@@ -112,22 +108,6 @@ def train_mil(
 # --- one run (one split) -------------------------------------------------------------------
 
 
-@dataclass
-class _Run:
-    config: MILConfig
-    cohort: Cohort
-    out: Path
-    split_of: dict[str, str]
-    model_config: MILModelConfig
-    model: Any
-    optimizer: Any
-    device: Any
-
-    def rows(self, split: str) -> pd.DataFrame:
-        frame = self.cohort.frame
-        return frame[frame["slide"].map(self.split_of) == split].reset_index(drop=True)
-
-
 def _config_json(config: MILConfig, cohort: Cohort) -> dict[str, Any]:
     return {
         "train_mil": config.to_dict(),
@@ -140,10 +120,10 @@ def _config_json(config: MILConfig, cohort: Cohort) -> dict[str, Any]:
     }
 
 
-def _setup(config: MILConfig, cohort: Cohort, out: Path, split_of: dict[str, str]) -> _Run:
+def _setup(config: MILConfig, cohort: Cohort, out: Path, split_of: dict[str, str]) -> MILRun:
     import torch
 
-    from histoduo.accel import resolve_device
+    from histoduo.runtime.device import resolve_device
 
     if config.threads is not None:
         torch.set_num_threads(config.threads)
@@ -170,7 +150,7 @@ def _setup(config: MILConfig, cohort: Cohort, out: Path, split_of: dict[str, str
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
-    return _Run(config, cohort, out, split_of, model_config, model, optimizer, device)
+    return MILRun(config, cohort, out, split_of, model_config, model, optimizer, device)
 
 
 def _seed_everything(seed: int) -> None:
@@ -226,7 +206,7 @@ def _train_one(
         for epoch in range(start, config.epochs + 1):
             sampler.set_epoch(epoch)
             row = _train_epoch(run, loader, bars, epoch)
-            evaluation = _evaluate(run, val_rows, want_attention=False)
+            evaluation = evaluate(run, val_rows, want_attention=False)
             row.update({f"val_{k}": v for k, v in evaluation.scores.items()})
             history.append(row)
             score = (row["val_balanced_accuracy"], -row["val_loss"])
@@ -242,13 +222,13 @@ def _train_one(
             if patience is not None and stale >= patience:
                 say(f"early stop: no validation gain in {stale} epochs")
                 break
-    return _final_report(run, history)
+    return final_report(run, history)
 
 
 def _loader(dataset: BagDataset, sampler: Any, config: MILConfig) -> Any:
     from torch.utils.data import DataLoader
 
-    from histoduo.run.pool import pool_context
+    from histoduo.runtime.pool import pool_context
 
     workers = config.num_workers
     return DataLoader(
@@ -264,7 +244,7 @@ def _loader(dataset: BagDataset, sampler: Any, config: MILConfig) -> Any:
     )
 
 
-def _train_epoch(run: _Run, loader: Any, bars: EpochProgress, epoch: int) -> dict[str, Any]:
+def _train_epoch(run: MILRun, loader: Any, bars: EpochProgress, epoch: int) -> dict[str, Any]:
     import torch
 
     config, model = run.config, run.model
@@ -298,58 +278,10 @@ def _train_epoch(run: _Run, loader: Any, bars: EpochProgress, epoch: int) -> dic
     }
 
 
-@dataclass
-class _Evaluation:
-    slides: list[str]
-    truth: np.ndarray
-    probabilities: np.ndarray
-    scores: dict[str, float]
-
-
-def _evaluate(
-    run: _Run,
-    rows: pd.DataFrame,
-    *,
-    model: Any = None,
-    want_attention: bool,
-    attention_writer: Any = None,
-) -> _Evaluation:
-    """Probabilities of every slide in ``rows`` and the split's scores; with
-    ``attention_writer`` each slide's tile attention is written as it is computed."""
-    import torch
-
-    from histoduo.store.features import read_feature_bag
-
-    model = model or run.model
-    model.eval()
-    n_classes = len(run.cohort.class_names)
-    probabilities = np.zeros((len(rows), n_classes))
-    losses = []
-    with torch.inference_mode():
-        for i, (path, label) in enumerate(zip(rows["path"], rows["label"])):
-            bag = read_feature_bag(path)
-            logits, attention = model(torch.from_numpy(bag.features).to(run.device))
-            probabilities[i] = torch.softmax(logits.float(), -1).cpu().numpy()
-            losses.append(float(-np.log(max(probabilities[i, label], 1e-12))))
-            if want_attention and attention_writer is not None:
-                attention_writer(bag, attention.float().cpu().numpy())
-    truth = rows["label"].to_numpy()
-    predicted = probabilities.argmax(axis=1)
-    report = classification_report(truth, predicted, run.cohort.class_names)
-    scores = {
-        "loss": float(np.mean(losses)) if losses else float("nan"),
-        "balanced_accuracy": report["balanced_accuracy"],
-        "macro_f1": report["macro_f1"],
-        "auc": one_vs_rest_auc(truth, probabilities),
-        "qwk": quadratic_weighted_kappa(truth, predicted, n_classes),
-    }
-    return _Evaluation(rows["slide"].tolist(), truth, probabilities, scores)
-
-
 # --- checkpoints -----------------------------------------------------------------------------
 
 
-def _meta(run: _Run, metrics: dict[str, Any], epoch: int) -> CheckpointMeta:
+def _meta(run: MILRun, metrics: dict[str, Any], epoch: int) -> CheckpointMeta:
     info = run.cohort.info
     names = run.cohort.class_names
     return CheckpointMeta(
@@ -368,7 +300,7 @@ def _meta(run: _Run, metrics: dict[str, Any], epoch: int) -> CheckpointMeta:
 
 
 def _save_epoch(
-    run: _Run,
+    run: MILRun,
     row: dict[str, Any],
     epoch: int,
     best: tuple[float, float],
@@ -395,7 +327,7 @@ def _save_epoch(
     _write_metrics(run.out, history)
 
 
-def _restore(run: _Run, say: Callable[[str], None]) -> tuple[int, tuple[float, float], list]:
+def _restore(run: MILRun, say: Callable[[str], None]) -> tuple[int, tuple[float, float], list]:
     import torch
 
     last = run.out / "last.pt"
@@ -421,103 +353,6 @@ def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
     # The curves PNG is drawn once, by the final report: matplotlib costs ~1 s per figure.
     with atomic_write(out / "metrics.csv", "w", newline="") as handle:
         pd.DataFrame(history).to_csv(handle, index=False)
-
-
-# --- the final report ------------------------------------------------------------------------
-
-
-def _attention_header(run: _Run) -> list[str]:
-    columns = run.model_config.attention_columns
-    names = (
-        ["attention"] if columns == 1 else [f"attention_{name}" for name in run.cohort.class_names]
-    )
-    return ["slide", "tile", "x_level0_px", "y_level0_px", *names]
-
-
-def _final_report(run: _Run, history: list[dict[str, Any]]) -> dict[str, Any]:
-    """best.pt on validation and test: report.json, confusion PNGs, predictions.csv and
-    attention.csv (rows written slide by slide, never a cohort's attention at once)."""
-    from histoduo.training.plots import confusion_matrix_plot, training_curves
-
-    out, names = run.out, run.cohort.class_names
-    training_curves(pd.DataFrame(history), out / "training_curves.png")
-    model, meta = load_mil_model(out / "best.pt", str(run.device))
-    report: dict[str, Any] = {
-        "best_epoch": meta.epoch,
-        "epochs_run": len(history),
-        "class_names": names,
-        "ordinal": run.cohort.ordinal,
-        "aggregator": run.model_config.aggregator,
-        "encoder": run.model_config.encoder,
-        "slides": {s: len(run.rows(s)) for s in ("train", "val", "test")},
-    }
-    predictions: list[list[Any]] = []
-    with atomic_write(out / "attention.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(_attention_header(run))
-
-        def write_attention(bag: Any, attention: np.ndarray) -> None:
-            for tile, ((x, y), values) in enumerate(zip(bag.coords.tolist(), attention)):
-                writer.writerow([bag.slide, tile, x, y, *(f"{v:.6g}" for v in values)])
-
-        for split in ("val", "test"):
-            rows = run.rows(split)
-            if rows.empty:
-                continue
-            evaluation = _evaluate(
-                run, rows, model=model, want_attention=True, attention_writer=write_attention
-            )
-            report[split] = _split_block(evaluation, names)
-            matrix = np.array(report[split]["confusion_matrix"])
-            title = f"{split}: balanced accuracy {report[split]['balanced_accuracy']:.3f}"
-            confusion_matrix_plot(matrix, names, out / f"confusion_{split}.png", title)
-            for slide, label, probs in zip(
-                evaluation.slides, evaluation.truth, evaluation.probabilities
-            ):
-                predictions.append(
-                    [slide, split, names[label], names[int(probs.argmax())], *probs.round(6)]
-                )
-    with atomic_write(out / "predictions.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["slide", "split", "label", "predicted", *(f"prob_{n}" for n in names)])
-        writer.writerows(predictions)
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
-    return report
-
-
-def _split_block(evaluation: _Evaluation, names: list[str]) -> dict[str, Any]:
-    predicted = evaluation.probabilities.argmax(axis=1)
-    details = classification_report(evaluation.truth, predicted, names)
-    return {
-        "n_slides": len(evaluation.slides),
-        **{m: evaluation.scores[m] for m in METRICS},
-        "loss": evaluation.scores["loss"],
-        "accuracy": details["accuracy"],
-        "per_class": details["per_class"],
-        "confusion_matrix": details["confusion_matrix"],
-    }
-
-
-def _summarise_folds(
-    config: MILConfig, cohort: Cohort, reports: list[dict[str, Any]]
-) -> dict[str, Any]:
-    """Mean and spread (sample standard deviation) of each metric over the folds."""
-    summary: dict[str, Any] = {
-        "folds": config.folds,
-        "class_names": cohort.class_names,
-        "ordinal": cohort.ordinal,
-        "aggregator": config.aggregator,
-    }
-    for split in ("val", "test"):
-        values = {m: [r[split][m] for r in reports if split in r] for m in METRICS}
-        summary[split] = {
-            **{m: float(np.nanmean(v)) if v else float("nan") for m, v in values.items()},
-            "std": {
-                m: float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0 for m, v in values.items()
-            },
-            "per_fold": values,
-        }
-    return summary
 
 
 def _write_folds(path: Path, cohort: Cohort, fold_of: dict[str, int]) -> None:
