@@ -19,6 +19,25 @@ from histoduo.cli._options import (
     TrustCheckpoint,
 )
 
+SlideModelOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--slide-model",
+        help="A train-mil checkpoint (best.pt): its call, confidence and agreement with the "
+        "rule-based call go into slides.csv and report.html, with an attention map per slide.",
+        show_default=False,
+    ),
+]
+SlideFeatures = Annotated[
+    Path | None,
+    typer.Option(
+        "--slide-features",
+        help="With --slide-model: the features_<encoder> folder `histoduo embed` wrote for "
+        "these slides (the encoder the slide model names).",
+        show_default=False,
+    ),
+]
+
 
 @app.command("predict")
 def predict_command(
@@ -133,6 +152,8 @@ def predict_command(
     overwrite: Overwrite = False,
     shard: Shard = None,
     trust_checkpoint: TrustCheckpoint = False,
+    slide_model: SlideModelOption = None,
+    slide_features: SlideFeatures = None,
     quiet: Quiet = False,
 ) -> None:
     """Predict tile classes and a slide-level ccRCC grade for every slide.
@@ -174,6 +195,8 @@ def predict_command(
             tta=tta,
             heatmap=heatmap,
             backend=backend,
+            slide_model=str(slide_model) if slide_model is not None else None,
+            slide_features=str(slide_features) if slide_features is not None else None,
             grade=GradeParams(
                 min_grade_fraction=min_grade_fraction,
                 min_grade_tiles=min_grade_tiles,

@@ -16,10 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from histoduo.run.errors import HistoduoError
-
-ATTENTION_MAP = "attention_map.png"
-MIL_FILE = "mil.json"
+from histoduo.results.layout import ATTENTION_MAP_PNG, MIL_FILE
+from histoduo.runtime.errors import HistoduoError
 
 
 class SlideModelError(HistoduoError):
@@ -138,7 +136,7 @@ def attention_map_png(
     a colour bar and a scale bar, in the look of predict's other maps."""
     import matplotlib
 
-    from histoduo.figures import ColorBar, map_figure_png
+    from histoduo.results.figures import ColorBar, map_figure_png
 
     painted = ~np.isnan(grid)
     rgb = matplotlib.colormaps[cmap](np.nan_to_num(grid))[..., :3] * 255.0
@@ -165,7 +163,7 @@ def write_slide_model_outputs(
 ) -> dict[str, Any]:
     """``mil.json`` (call, confidence, probabilities, agreement) and ``attention_map.png`` in
     a slide's results folder; returns the slides.csv fields."""
-    from histoduo.run.files import atomic_write_bytes, atomic_write_text
+    from histoduo.runtime.files import atomic_write_bytes, atomic_write_text
 
     downsample = thumbnail_downsample or max(tile_size_level0 / 4, 1.0)
     grid = attention_grid(
@@ -178,7 +176,7 @@ def write_slide_model_outputs(
     if agrees is False:
         title += f"; rule says {rule_call}"
     png = attention_map_png(grid, downsample * slide_mpp, title, thumbnail=thumbnail)
-    atomic_write_bytes(slide_dir / ATTENTION_MAP, png)
+    atomic_write_bytes(slide_dir / ATTENTION_MAP_PNG, png)
     fields = {
         "mil_call": result.call,
         "mil_confidence": round(result.confidence, 6),

@@ -114,11 +114,14 @@ SLIDES_COLUMNS_HEAD = [
     "tumour_fraction",
 ]
 SLIDES_COLUMNS_TAIL = ["slide_mpp", "tile_mpp", "model_mpp", "error"]
+# With a slide model (predict --slide-model): its call beside the rule-based one.
+MIL_COLUMNS = ["mil_call", "mil_confidence", "mil_agrees"]
 
 
-def slides_columns(class_names: list[str], grade_names: list[str]) -> list[str]:
+def slides_columns(class_names: list[str], grade_names: list[str], mil: bool = False) -> list[str]:
     return (
         SLIDES_COLUMNS_HEAD
+        + (MIL_COLUMNS if mil else [])
         + [f"fraction_{c}" for c in class_names]
         + [f"grade_fraction_{g}" for g in grade_names]
         + SLIDES_COLUMNS_TAIL
@@ -154,6 +157,9 @@ def _slide_row(record: SlideResult) -> dict[str, Any]:
         "tile_mpp": summary.target_mpp,
         "model_mpp": summary.model_mpp,
     }
+    for column in MIL_COLUMNS:
+        if column in summary.mil:
+            row[column] = summary.mil[column]
     for cls, value in grade.get("class_fractions", {}).items():
         row[f"fraction_{cls}"] = value
     for cls, value in grade.get("grade_fractions", {}).items():
@@ -176,7 +182,11 @@ def write_slides_csv(out_dir: Path) -> Path:
     buffer = io.StringIO()
     writer = csv.DictWriter(
         buffer,
-        fieldnames=slides_columns(class_names, grade_names),
+        fieldnames=slides_columns(
+            class_names,
+            grade_names,
+            mil=any(r.summary is not None and r.summary.mil for r in records),
+        ),
         lineterminator="\n",
         restval="",
     )
