@@ -114,14 +114,15 @@ SLIDES_COLUMNS_HEAD = [
     "tumour_fraction",
 ]
 SLIDES_COLUMNS_TAIL = ["slide_mpp", "tile_mpp", "model_mpp", "error"]
-# With a slide model (predict --slide-model): its call beside the rule-based one.
+# A slide model's call beside the rule's (predict --slide-model); empty without one, so the
+# header is the same whatever the flags.
 MIL_COLUMNS = ["mil_call", "mil_confidence", "mil_agrees"]
 
 
-def slides_columns(class_names: list[str], grade_names: list[str], mil: bool = False) -> list[str]:
+def slides_columns(class_names: list[str], grade_names: list[str]) -> list[str]:
     return (
         SLIDES_COLUMNS_HEAD
-        + (MIL_COLUMNS if mil else [])
+        + MIL_COLUMNS
         + [f"fraction_{c}" for c in class_names]
         + [f"grade_fraction_{g}" for g in grade_names]
         + SLIDES_COLUMNS_TAIL
@@ -182,11 +183,7 @@ def write_slides_csv(out_dir: Path) -> Path:
     buffer = io.StringIO()
     writer = csv.DictWriter(
         buffer,
-        fieldnames=slides_columns(
-            class_names,
-            grade_names,
-            mil=any(r.summary is not None and r.summary.mil for r in records),
-        ),
+        fieldnames=slides_columns(class_names, grade_names),
         lineterminator="\n",
         restval="",
     )
