@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from histoduo.cli._app import app, fail
 from histoduo.cli._options import Quiet
+from histoduo.training.mil.config import MILConfig  # no torch: --help stays instant
 
-# Defaults mirror histoduo.training.mil.MILConfig (tests/test_mil.py checks they agree); the
-# config is not imported here because histoduo.training imports torch (--help stays instant).
+# The defaults --help shows are the library's (MILConfig's field defaults).
+MIL_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(MILConfig)}
 FeaturesDir = Annotated[
     Path,
     typer.Argument(
@@ -92,23 +94,23 @@ def train_mil_command(
     features_dir: FeaturesDir,
     labels: Labels,
     out: RunOut,
-    aggregator: Aggregator = "abmil",
-    multi_branch: MultiBranch = False,
-    folds: Folds = 1,
+    aggregator: Aggregator = MIL_DEFAULTS["aggregator"],
+    multi_branch: MultiBranch = MIL_DEFAULTS["multi_branch"],
+    folds: Folds = MIL_DEFAULTS["folds"],
     grades: Grades = None,
-    epochs: Epochs = 20,
-    lr: LearningRate = 2e-4,
-    weight_decay: WeightDecay = 1e-5,
-    hidden_dim: HiddenDim = 256,
-    dropout: Dropout = 0.25,
-    val_fraction: ValFraction = 0.2,
-    test_fraction: TestFraction = 0.2,
-    patience: Patience = 5,
-    max_train_tiles: MaxTrainTiles = None,
-    workers: BagWorkers = 1,
-    threads: Threads = None,
-    device: MilDevice = "auto",
-    seed: Seed = 0,
+    epochs: Epochs = MIL_DEFAULTS["epochs"],
+    lr: LearningRate = MIL_DEFAULTS["lr"],
+    weight_decay: WeightDecay = MIL_DEFAULTS["weight_decay"],
+    hidden_dim: HiddenDim = MIL_DEFAULTS["hidden_dim"],
+    dropout: Dropout = MIL_DEFAULTS["dropout"],
+    val_fraction: ValFraction = MIL_DEFAULTS["val_fraction"],
+    test_fraction: TestFraction = MIL_DEFAULTS["test_fraction"],
+    patience: Patience = MIL_DEFAULTS["early_stopping_patience"],
+    max_train_tiles: MaxTrainTiles = MIL_DEFAULTS["max_train_tiles"],
+    workers: BagWorkers = MIL_DEFAULTS["num_workers"],
+    threads: Threads = MIL_DEFAULTS["threads"],
+    device: MilDevice = MIL_DEFAULTS["device"],
+    seed: Seed = MIL_DEFAULTS["seed"],
     resume: Resume = False,
     quiet: Quiet = False,
 ) -> None:
@@ -116,7 +118,7 @@ def train_mil_command(
     from rich.console import Console
 
     from histoduo.runtime.errors import HistoduoError
-    from histoduo.training.mil import MILConfig, train_mil
+    from histoduo.training.mil.loop import train_mil
 
     console = Console(stderr=True)
     try:

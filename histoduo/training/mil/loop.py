@@ -150,7 +150,16 @@ def _setup(config: MILConfig, cohort: Cohort, out: Path, split_of: dict[str, str
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
-    return MILRun(config, cohort, out, split_of, model_config, model, optimizer, device)
+    return MILRun(
+        config=config,
+        cohort=cohort,
+        out=out,
+        split_of=split_of,
+        model_config=model_config,
+        model=model,
+        optimizer=optimizer,
+        device=device,
+    )
 
 
 def _seed_everything(seed: int) -> None:

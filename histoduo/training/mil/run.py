@@ -13,7 +13,7 @@ from histoduo.training.mil.config import MILConfig
 from histoduo.training.mil.data import Cohort
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MILRun:
     config: MILConfig
     cohort: Cohort
