@@ -11,6 +11,7 @@ from histoduo.cli import (
     demo,  # noqa: F401
     encoders,  # noqa: F401
     importer,  # noqa: F401
+    mil,  # noqa: F401
     models,  # noqa: F401
     predict,  # noqa: F401
     slides,  # noqa: F401

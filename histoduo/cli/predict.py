@@ -19,6 +19,25 @@ from histoduo.cli._options import (
     TrustCheckpoint,
 )
 
+SlideModelOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--slide-model",
+        help="A train-mil checkpoint (best.pt): its call, confidence and agreement with the "
+        "rule-based call go into slides.csv and report.html, with an attention map per slide.",
+        show_default=False,
+    ),
+]
+SlideFeatures = Annotated[
+    Path | None,
+    typer.Option(
+        "--slide-features",
+        help="With --slide-model: the features_<encoder> folder `histoduo embed` wrote for "
+        "these slides (the encoder the slide model names).",
+        show_default=False,
+    ),
+]
+
 
 @app.command("predict")
 def predict_command(
@@ -142,6 +161,8 @@ def predict_command(
             show_default=False,
         ),
     ] = None,
+    slide_model: SlideModelOption = None,
+    slide_features: SlideFeatures = None,
     quiet: Quiet = False,
 ) -> None:
     """Predict tile classes and a slide-level ccRCC grade for every slide.
@@ -184,6 +205,8 @@ def predict_command(
             heatmap=heatmap,
             backend=backend,
             encoder_weights=str(encoder_weights) if encoder_weights else None,
+            slide_model=str(slide_model) if slide_model is not None else None,
+            slide_features=str(slide_features) if slide_features is not None else None,
             grade=GradeParams(
                 min_grade_fraction=min_grade_fraction,
                 min_grade_tiles=min_grade_tiles,

@@ -280,9 +280,23 @@ def synth_command(
     no_mpp: Annotated[
         bool, typer.Option("--no-mpp", help="Write no resolution metadata (for testing).")
     ] = False,
+    cohort: Annotated[
+        int,
+        typer.Option(
+            "--cohort",
+            help="Write N slides labelled per slide into the folder OUT: low-grade tumour, "
+            "and on every other slide one or two small high-grade foci that decide its "
+            "label; slides.csv (slide,label,patient) for train-mil.",
+        ),
+    ] = 0,
+    focus_fraction: Annotated[
+        float,
+        typer.Option("--focus-fraction", help="With --cohort: each focus's share of tissue."),
+    ] = 0.015,
 ) -> None:
     """Write synthetic H&E-like pyramidal slides with ground-truth GeoJSON next to them."""
     from histoduo.synthetic import SyntheticSlideSpec, write_synthetic_cohort, write_synthetic_slide
+    from histoduo.synthetic.cohort import write_slide_label_cohort
 
     try:
         spec = SyntheticSlideSpec(
@@ -293,7 +307,12 @@ def synth_command(
             format=fmt,
             write_mpp=not no_mpp,
         )
-        if count > 1:
+        if cohort:
+            written, labels = write_slide_label_cohort(
+                out, cohort, spec, focus_fraction=focus_fraction
+            )
+            _console(stderr=True).print(f"slide labels: {labels}")
+        elif count > 1:
             written = write_synthetic_cohort(out, count, spec)
         else:
             written = [write_synthetic_slide(out, spec)]

@@ -42,6 +42,10 @@ class PredictParams:
     thumbnail_max_px: int = THUMBNAIL_MAX_PX
     # A head trained on cached features: the local weights of the encoder that made them.
     encoder_weights: str | None = None
+    # A train-mil checkpoint called on every slide beside the rule, from the slide's features
+    # in ``slide_features`` (a features_<encoder> folder that `histoduo embed` wrote).
+    slide_model: str | None = None
+    slide_features: str | None = None
 
     def __post_init__(self) -> None:
         from histoduo.runtime.device import check_decode, check_device_name, check_precision
@@ -59,6 +63,11 @@ class PredictParams:
             self.target_mpp > 0 and math.isfinite(self.target_mpp)
         ):
             raise ValueError(f"--mpp must be positive, got {self.target_mpp}")
+        if self.slide_model is not None and self.slide_features is None:
+            raise ValueError(
+                "--slide-model needs --slide-features: the features_<encoder> folder that "
+                "`histoduo embed` wrote for these slides"
+            )
         if not 0.0 <= self.min_tissue_fraction <= 1.0:
             raise ValueError(f"min tissue fraction must be 0-1, got {self.min_tissue_fraction}")
         if self.batch_size is not None and self.batch_size < 1:

@@ -72,6 +72,7 @@ class _PredictRun:
     store: TileStore | None = None
     outcomes: list[SlideOutcome] = field(default_factory=list)
     plans: Prefetcher | None = None  # the next slide, planned while this one runs
+    slide_model: Any = None  # predict/slide_model.SlideModel, with --slide-model
 
     def resumed(self, job: _Job) -> bool:
         slide_dir = self.out / job.name
@@ -111,6 +112,8 @@ class _PredictRun:
             grade_params=self.params.grade.to_dict(),
             seconds_predict=t_model,
         )
+        if self.slide_model is not None:
+            summary.mil = self._call_slide_model(job, scores, grade.call)
         write_slide_outputs(self.out / job.name, scores, grade, summary, self.params.heatmap)
         seconds = time.perf_counter() - t0
         n = len(scores.probs)
@@ -130,6 +133,50 @@ class _PredictRun:
         flag = f" [yellow]uncertain: {grade.uncertainty_text}[/]" if grade.uncertain else ""
         call = f"{grade.call} ({grade.confidence:.2f})"
         self.say(f"{job.name}: {n} tiles, {call}, {seconds:.1f} s{flag}")
+
+    def _call_slide_model(self, job: _Job, scores: Any, rule_call: str) -> dict[str, Any]:
+        """The slide model's call from the slide's feature file, its attention map and
+        mil.json in the slide folder (before ``done``); the fields for summary.json."""
+        from histoduo.predict.slide_model import SlideModelError, write_slide_model_outputs
+        from histoduo.store.features import (
+            FeatureFileError,
+            feature_file_path,
+            read_feature_bag,
+        )
+
+        assert self.params.slide_features is not None
+        path = feature_file_path(self.params.slide_features, job.name)
+        try:
+            bag = read_feature_bag(path)
+        except FeatureFileError as exc:
+            raise SlideError(path, f"{exc.reason} (needed by --slide-model)") from exc
+        try:
+            self.slide_model.check_features(bag.info, path)
+            result = self.slide_model.call(bag.features)
+        except SlideModelError as exc:  # per slide: --skip-errors goes on with the rest
+            raise SlideError(exc.path, exc.reason) from exc
+        tile_px = float(bag.info.extra.get("tile_size_px", bag.info.input_size_px))
+        slide_dir = self.out / job.name
+        slide_dir.mkdir(parents=True, exist_ok=True)
+        fields = write_slide_model_outputs(
+            slide_dir,
+            job.name,
+            result,
+            bag.coords,
+            tile_size_level0=tile_px * bag.info.mpp / scores.slide_mpp,
+            level0_size=(scores.level0_width, scores.level0_height),
+            slide_mpp=scores.slide_mpp,
+            rule_call=rule_call,
+            thumbnail=scores.thumbnail,
+            thumbnail_downsample=scores.thumbnail_downsample,
+        )
+        agree = {True: "agrees", False: "DISAGREES"}.get(fields["mil_agrees"], "")
+        self.say(f"{job.name}: slide model {result.call} ({result.confidence:.2f}) {agree}")
+        return {
+            **fields,
+            "mil_probabilities": result.probabilities,
+            "slide_model": str(self.params.slide_model),
+        }
 
     def failed(self, job: _Job, exc: HistoduoError, status: str, seconds: float) -> None:
         self.outcomes.append(
@@ -190,6 +237,10 @@ def predict_run(
         overwrite=overwrite,
         say=say,
     )
+    if params.slide_model is not None:
+        from histoduo.predict.slide_model import SlideModel
+
+        run.slide_model = SlideModel(params.slide_model)
     try:
         jobs = _jobs(run, sources, tiles_store, shard)
         out.mkdir(parents=True, exist_ok=True)  # once model, options and inputs check out

@@ -10,6 +10,7 @@ under another::
       <slide>/
         tiles.csv  scores.npz  tiles.geojson  tissue.geojson  summary.json  done | error.json
         thumbnail.png  class_overlay.png  class_map.png  grade_map.png  prob_<class>.png
+        attention_map.png  mil.json                  (with --slide-model)
 """
 
 from __future__ import annotations
@@ -38,11 +39,14 @@ THUMBNAIL_PNG = "thumbnail.png"
 CLASS_OVERLAY_PNG = "class_overlay.png"
 CLASS_MAP_PNG = "class_map.png"
 GRADE_MAP_PNG = "grade_map.png"
+ATTENTION_MAP_PNG = "attention_map.png"  # with --slide-model: where the slide model looked
+MIL_FILE = "mil.json"  # with --slide-model: its call, confidence and class probabilities
 MAP_FILES = (
     (THUMBNAIL_PNG, "Thumbnail"),
     (CLASS_MAP_PNG, "Class map"),
     (CLASS_OVERLAY_PNG, "Classes over the tissue"),
     (GRADE_MAP_PNG, "Tumour grade map"),
+    (ATTENTION_MAP_PNG, "Slide model attention (evidence for review, not an explanation)"),
 )
 LINK_FILES = (TILES_CSV, TILES_GEOJSON, TISSUE_GEOJSON, SUMMARY_FILE)
 
@@ -85,6 +89,8 @@ class SlideSummary:
     grade_params: dict[str, Any] = field(default_factory=dict)
     seconds_predict: float | None = None
     grade: dict[str, Any] = field(default_factory=dict)  # grading.SlideGrade.to_dict()
+    # With --slide-model: mil_call, mil_confidence, mil_agrees, mil_probabilities, slide_model
+    mil: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -52,6 +52,10 @@ class SlideView:
     tissue_area_mm2: float | None = None
     n_tiles: int = 0
     reasoning: list[str] = field(default_factory=list)
+    # The slide model's call (predict --slide-model), shown beside the rule's.
+    mil_call: str = ""
+    mil_confidence: float | None = None
+    mil_agrees: bool | None = None
     figures: list[Figure] = field(default_factory=list)
     prob_figures: list[Figure] = field(default_factory=list)
     links: list[tuple[str, str]] = field(default_factory=list)
@@ -98,6 +102,10 @@ def _slide_view(record: SlideResult, maps_dir: Path, report_dir: Path) -> SlideV
         n_tiles=summary.n_tiles,
         reasoning=explain_grade(grade, params, display),
     )
+    if summary.mil:
+        view.mil_call = display.get(summary.mil["mil_call"], summary.mil["mil_call"])
+        view.mil_confidence = summary.mil.get("mil_confidence")
+        view.mil_agrees = summary.mil.get("mil_agrees")
     images = maps_dir / record.folder.name
     for filename, caption in MAP_FILES:
         if (images / filename).exists():
@@ -162,6 +170,8 @@ def render_report(run_dir: str | Path, maps_dir: str | Path | None = None,
         slides=slides,
         n_uncertain=sum(s.uncertain for s in slides),
         n_failed=sum(s.status != "done" for s in slides),
+        has_mil=any(s.mil_call for s in slides),
+        n_disagree=sum(s.mil_agrees is False for s in slides),
         run_links=run_links,
     )
 

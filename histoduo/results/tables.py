@@ -114,11 +114,15 @@ SLIDES_COLUMNS_HEAD = [
     "tumour_fraction",
 ]
 SLIDES_COLUMNS_TAIL = ["slide_mpp", "tile_mpp", "model_mpp", "error"]
+# A slide model's call beside the rule's (predict --slide-model); empty without one, so the
+# header is the same whatever the flags.
+MIL_COLUMNS = ["mil_call", "mil_confidence", "mil_agrees"]
 
 
 def slides_columns(class_names: list[str], grade_names: list[str]) -> list[str]:
     return (
         SLIDES_COLUMNS_HEAD
+        + MIL_COLUMNS
         + [f"fraction_{c}" for c in class_names]
         + [f"grade_fraction_{g}" for g in grade_names]
         + SLIDES_COLUMNS_TAIL
@@ -154,6 +158,9 @@ def _slide_row(record: SlideResult) -> dict[str, Any]:
         "tile_mpp": summary.target_mpp,
         "model_mpp": summary.model_mpp,
     }
+    for column in MIL_COLUMNS:
+        if column in summary.mil:
+            row[column] = summary.mil[column]
     for cls, value in grade.get("class_fractions", {}).items():
         row[f"fraction_{cls}"] = value
     for cls, value in grade.get("grade_fractions", {}).items():

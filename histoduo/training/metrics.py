@@ -49,3 +49,42 @@ def classification_report(
         "class_names": list(class_names),
         "confusion_matrix": matrix.tolist(),
     }
+
+
+def _binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve as the Mann-Whitney statistic (ties count half)."""
+    import pandas as pd
+
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = pd.Series(scores).rank(method="average").to_numpy()  # ties share a rank
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def one_vs_rest_auc(truth: np.ndarray, probabilities: np.ndarray) -> float:
+    """Macro one-vs-rest ROC AUC over the classes present in ``truth`` (NaN if only one is)."""
+    truth = np.asarray(truth, dtype=np.int64)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    present = np.unique(truth)
+    if len(present) < 2:
+        return float("nan")
+    if probabilities.shape[1] == 2:  # binary: one curve, the positive class's score
+        return _binary_auc(probabilities[:, 1], truth == 1)
+    return float(np.mean([_binary_auc(probabilities[:, c], truth == c) for c in present]))
+
+
+def quadratic_weighted_kappa(truth: np.ndarray, predicted: np.ndarray, n_classes: int) -> float:
+    """Cohen's kappa with quadratic weights: agreement on an ordinal scale (classes in order),
+    1 = perfect, 0 = chance; a call one grade off costs less than one three grades off."""
+    observed = confusion_matrix(truth, predicted, n_classes).astype(np.float64)
+    total = observed.sum()
+    if total == 0:
+        return float("nan")
+    grid = np.arange(n_classes)
+    weights = (grid[:, None] - grid[None, :]) ** 2 / max((n_classes - 1) ** 2, 1)
+    expected = np.outer(observed.sum(axis=1), observed.sum(axis=0)) / total
+    denominator = (weights * expected).sum()
+    if denominator == 0:  # one class only, on both sides: agreement is total but uninformative
+        return 1.0 if (weights * observed).sum() == 0 else 0.0
+    return float(1.0 - (weights * observed).sum() / denominator)
