@@ -1,0 +1,131 @@
+"""Artefact QC: detectors against synthetic ground truth, flags, params, synthetic drawing."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from histoduo.qc import (
+    FLAG_BLUR,
+    FLAG_CHECKED,
+    FLAG_FOLD,
+    FLAG_PEN,
+    QCParams,
+    detect_artefacts,
+    detect_pen,
+    tile_blur_score,
+    tile_flags,
+)
+from histoduo.synthetic import SyntheticSlideSpec, render_region, write_synthetic_slide
+from histoduo.synthetic.qceval import evaluate_slide
+from histoduo.tissue import pen_ink_mask
+
+CMU = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "CMU-1-Small-Region.svs"
+# Held-out seeds: the QCParams defaults were set on seeds 0-3 (benchmarks/qc_accuracy.py).
+_SPEC = SyntheticSlideSpec(1536, 1024, mpp=0.5, seed=10)
+
+
+def test_params_are_validated_and_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        QCParams(0.3)  # type: ignore[misc]
+    with pytest.raises(ValueError, match="pen_max_tile_fraction"):
+        QCParams(pen_max_tile_fraction=1.5)
+    with pytest.raises(ValueError, match="hue band"):
+        QCParams(pen_hue_min_deg=200.0, pen_hue_max_deg=100.0)
+    with pytest.raises(ValueError, match="fold_od_ratio"):
+        QCParams(fold_od_ratio=0.9)
+    params = QCParams(max_burden=0.2)
+    assert QCParams.from_dict(params.to_dict()) == params
+
+
+def test_flags_bits_follow_the_scores() -> None:
+    params = QCParams()
+    flags = tile_flags(
+        np.array([0.0, 0.5, 0.0, 0.0]),
+        np.array([0.0, 0.0, 0.9, 0.0]),
+        np.array([0.0, 0.0, 0.0, 0.3]),
+        params,
+    )
+    assert flags.tolist() == [
+        FLAG_CHECKED,
+        FLAG_CHECKED | FLAG_PEN,
+        FLAG_CHECKED | FLAG_BLUR,
+        FLAG_CHECKED | FLAG_FOLD,
+    ]
+
+
+def test_pen_of_every_colour_is_found_and_only_there() -> None:
+    spec = replace(_SPEC, pen_strokes=("blue", "green", "black", "red"))
+    result = evaluate_slide(spec, measure_blur=False)
+    pen = result.scores["pen"]
+    assert pen.mostly >= 10  # the strokes do cover tiles
+    assert pen.recall >= 0.95 and pen.precision >= 0.95
+    assert result.clean_flagged <= 0.02 * result.clean_tiles
+
+
+def test_blurred_band_is_flagged_clean_tiles_are_not() -> None:
+    spec = replace(_SPEC, blur_bands=1)
+    result = evaluate_slide(spec)
+    blur = result.scores["blur"]
+    assert blur.mostly >= 4
+    assert blur.recall >= 0.6 and blur.precision >= 0.7
+    assert result.clean_flagged <= 0.03 * result.clean_tiles
+
+
+def test_clean_synthetic_slide_has_no_pen_or_blur() -> None:
+    result = evaluate_slide(replace(_SPEC, seed=11))
+    assert result.scores["pen"].flagged == 0
+    assert result.scores["blur"].flagged <= 0.03 * result.n_tiles
+
+
+def test_real_slide_has_no_pen_and_sharp_tiles() -> None:
+    from histoduo.slide import open_slide
+    from histoduo.tissue import TissueParams, detect_tissue
+
+    with open_slide(CMU) as slide:
+        mask = detect_tissue(slide, TissueParams())
+        tile = slide.read_region((1000, 1400), 0, (256, 256))[..., :3]
+    masks = detect_artefacts(mask)
+    assert masks.burden("pen") == 0.0
+    assert masks.burden("fold") < 0.05  # dense epidermis is the detector's known weak spot
+    assert tile_blur_score(np.ascontiguousarray(tile)) == 0.0
+    # The same tile defocused (3 um at 0.5 um/px) is flagged.
+    from scipy import ndimage
+
+    blurred = ndimage.gaussian_filter(tile.astype(np.float32), (6, 6, 0))
+    assert tile_blur_score(np.clip(blurred + 0.5, 0, 255).astype(np.uint8)) >= 0.5
+
+
+def test_tissue_pen_mask_leaves_red_out_unless_asked() -> None:
+    red = np.zeros((4, 4, 3), np.uint8)
+    red[...] = (210, 30, 40)
+    assert not pen_ink_mask(red).any()
+    assert pen_ink_mask(red, red_min_saturation=0.65).all()
+    eosin = np.full((4, 4, 3), (225, 150, 190), np.uint8)
+    assert not detect_pen(eosin, 4.0).any()
+
+
+def test_synthetic_artefacts_are_pure_functions_of_coordinates(tmp_path: Path) -> None:
+    spec = SyntheticSlideSpec(
+        768, 512, mpp=0.5, seed=3, pen_strokes=("blue",), blur_bands=1, folds=1,
+        level_downsamples=(1,),
+    )  # fmt: skip
+    big = render_region(spec, 0, 0, 768, 512, 1.0)
+    crop = render_region(spec, 300, 100, 200, 150, 1.0)
+    assert np.array_equal(big[100:250, 300:500], crop)
+    clean = render_region(replace(spec, pen_strokes=(), blur_bands=0, folds=0), 0, 0, 768, 512)
+    assert not np.array_equal(big, clean)
+    slide = write_synthetic_slide(tmp_path / "a.svs", spec, workers=1)
+    assert slide.artefacts_geojson is not None
+    names = {
+        f["properties"]["classification"]["name"]
+        for f in json.loads(slide.artefacts_geojson.read_text())["features"]
+    }
+    assert names == {"Pen", "Blur", "Fold"}
+    # Class truth stays free of artefact classes (annotation readers take it as labels).
+    truth = json.loads(slide.truth_geojson.read_text())["features"]
+    assert not {"Pen", "Blur", "Fold"} & {f["properties"]["classification"]["name"] for f in truth}
