@@ -15,6 +15,7 @@ from histoduo.store.layout import IndexEntry, read_index, read_slide_record, sto
 from histoduo.store.record import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    QC_DATASETS,
     SLIDE_FILE_FORMAT,
     SLIDES_GROUP,
     UNLABELLED,
@@ -215,6 +216,21 @@ class TileStore:
 
     def tissue_fraction(self, slide: str) -> np.ndarray:
         return self._group(slide)["tissue_fraction"][()]
+
+    def qc(self, slide: str) -> dict[str, np.ndarray] | None:
+        """The slide's per-tile artefact QC (``qc_pen``, ``qc_blur``, ``qc_fold`` float32 and
+        ``qc_flags`` uint8), or None when QC did not check it (older stores, ``--qc off``)."""
+        group = self._group(slide)
+        if "qc_flags" not in group:
+            return None
+        return {name: group[name][()] for name in QC_DATASETS if name in group}
+
+    def qc_info(self, slide: str) -> dict[str, Any] | None:
+        """The slide's QC summary (mode, params, burdens), or None when not checked."""
+        value = self._group(slide).attrs.get("qc")
+        if value is None:
+            return None
+        return json.loads(value.decode() if isinstance(value, bytes) else value)
 
     def labels(self, slide: str) -> np.ndarray | None:
         group = self._group(slide)
