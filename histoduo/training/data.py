@@ -63,8 +63,14 @@ def tile_table(
     store: TileStore,
     slide_labels_csv: str | Path | None = None,
     split_by: str = "slide",
+    qc: str | None = None,
 ) -> TileTable:
-    """Labelled tiles of a store; slide-level labels (when given) override tile labels."""
+    """Labelled tiles of a store; slide-level labels (when given) override tile labels.
+
+    Tiles QC flagged as artefacts are left out when ``qc`` is ``"exclude"``, or, with
+    ``qc=None``, when the slide was tiled with ``--qc exclude`` (the default); ``"flag"`` and
+    ``"off"`` keep them.
+    """
     index = store.index()
     class_names = list(store.class_names)
     if slide_labels_csv is not None:
@@ -95,9 +101,15 @@ def tile_table(
             f"{store.path}: the store has no labels; tile with --annotations, import a labelled "
             "image folder, or pass --slide-labels CSV"
         )
-    frame = index[index["label"] >= 0].reset_index(drop=True)
+    excluded = qc_excluded_rows(store, index, qc)
+    frame = index[(index["label"] >= 0) & ~excluded].reset_index(drop=True)
     if frame.empty:
-        raise LabelError(f"{store.path}: no labelled tiles")
+        hint = (
+            " once QC-flagged tiles are left out (keep them with --qc flag)"
+            if excluded.any()
+            else ""
+        )
+        raise LabelError(f"{store.path}: no labelled tiles{hint}")
     if split_by == "patient":
         if "patient" not in frame.columns:
             frame["patient"] = [_store_patient(store, s) for s in frame["slide"]]
@@ -105,6 +117,26 @@ def tile_table(
     else:
         frame["group"] = frame["slide"]
     return TileTable(frame[["slide", "tile", "label", "group"]].copy(), class_names)
+
+
+def qc_excluded_rows(store: TileStore, index: pd.DataFrame, qc: str | None) -> np.ndarray:
+    """Rows of ``store.index()`` that QC policy leaves out (see :func:`tile_table`)."""
+    from histoduo.qc import FLAG_BLUR, FLAG_FOLD, FLAG_PEN
+
+    out = np.zeros(len(index), dtype=bool)
+    if qc in ("flag", "off"):
+        return out
+    for slide in store.slides:
+        checked = store.qc(slide)
+        if checked is None:
+            continue  # not checked: nothing to leave out
+        mode = qc or (store.qc_info(slide) or {}).get("mode", "flag")
+        if mode != "exclude":
+            continue
+        flagged = (checked["qc_flags"] & (FLAG_PEN | FLAG_BLUR | FLAG_FOLD)) > 0
+        rows = np.flatnonzero(index["slide"].to_numpy() == slide)
+        out[rows] = flagged[index["tile"].to_numpy()[rows]]
+    return out
 
 
 def _store_patient(store: TileStore, slide: str) -> str:
