@@ -129,3 +129,72 @@ def test_synthetic_artefacts_are_pure_functions_of_coordinates(tmp_path: Path) -
     # Class truth stays free of artefact classes (annotation readers take it as labels).
     truth = json.loads(slide.truth_geojson.read_text())["features"]
     assert not {"Pen", "Blur", "Fold"} & {f["properties"]["classification"]["name"] for f in truth}
+
+
+# --- the tile store and training --------------------------------------------------------
+@pytest.fixture(scope="module")
+def artefact_slide(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    spec = replace(_SPEC, seed=12, pen_strokes=("blue",), blur_bands=1, level_downsamples=(1, 4))
+    return write_synthetic_slide(tmp_path_factory.mktemp("qc") / "art.svs", spec, workers=1)
+
+
+def _tile_store(slide, out: Path, workers: int, **kw):  # noqa: ANN001, ANN202
+    from histoduo.sources import SlideSource
+    from histoduo.tiling import TilingParams, tile_slides
+
+    params = TilingParams(target_mpp=0.5, tile_size_px=128)
+    return tile_slides(
+        [SlideSource(slide.path)], out, params, workers=workers, progress=False, **kw
+    )
+
+
+def test_tiling_stores_qc_where_the_artefacts_are(artefact_slide, tmp_path: Path) -> None:
+    from histoduo.store import TileStore
+    from histoduo.tissue import TissueMask
+
+    report = _tile_store(artefact_slide, tmp_path / "t.h5", workers=1)
+    row = report.results[0]
+    assert row.qc_pen is not None and row.qc_pen > 0.03 and row.qc_blur > 0.03
+    with TileStore(tmp_path / "t.h5") as store:
+        (name,) = store.slides
+        qc = store.qc(name)
+        info = store.qc_info(name)
+        coords = store.coords(name)
+        size0 = store.record(name).tile_size_level0
+    assert qc is not None and info["mode"] == "exclude" and info["blur_measured"]
+    assert set(qc) == {"qc_pen", "qc_blur", "qc_fold", "qc_flags"}
+    assert ((qc["qc_flags"] & FLAG_CHECKED) > 0).all()
+    truth = artefact_slide.artefact_masks(4.0)
+
+    def share(kind: str) -> np.ndarray:
+        mask = TissueMask(mask=truth[kind], downsample=4.0, thumbnail=np.empty(0), slide_mpp=None)
+        return mask.fractions_in_boxes(coords, size0)
+
+    pen, blur = share("pen"), share("blur")
+    pen_flag = (qc["qc_flags"] & FLAG_PEN) > 0
+    blur_flag = (qc["qc_flags"] & FLAG_BLUR) > 0
+    assert pen_flag[pen >= 0.5].all() and not pen_flag[pen == 0].any()
+    under_blur = (blur >= 0.9) & (pen == 0)
+    assert under_blur.sum() >= 3 and blur_flag[under_blur].mean() >= 0.6
+    assert blur_flag[(blur == 0) & (pen == 0)].mean() <= 0.05
+
+
+def test_qc_off_reads_as_not_checked_and_training_keeps_every_tile(
+    artefact_slide, tmp_path: Path
+) -> None:
+    from histoduo.store import TileStore
+    from histoduo.training.data import qc_excluded_rows
+
+    report = _tile_store(artefact_slide, tmp_path / "off.h5", workers=0, qc_mode="off")
+    assert report.results[0].qc_pen is None
+    with TileStore(tmp_path / "off.h5") as store:
+        assert store.qc(store.slides[0]) is None
+        assert not qc_excluded_rows(store, store.index(), None).any()
+    _tile_store(artefact_slide, tmp_path / "on.h5", workers=0)
+    with TileStore(tmp_path / "on.h5") as store:
+        index = store.index()
+        flagged = (store.qc(store.slides[0])["qc_flags"] & (FLAG_PEN | FLAG_BLUR)) > 0
+        assert flagged.any()
+        # The store says exclude: its flagged tiles leave training; "flag" keeps them.
+        assert np.array_equal(qc_excluded_rows(store, index, None), flagged)
+        assert not qc_excluded_rows(store, index, "flag").any()

@@ -81,6 +81,11 @@ def detect_folds(
     if not clean.any():
         return np.zeros_like(tissue)
     od = optical_density(rgb)
+    floor_px = int(round(params.fold_floor_um / mask_mpp))
+    if floor_px >= 2:
+        # The lightest density nearby: nuclei (small dark spots) drop out, so dense-nucleus
+        # tissue keeps the floor of its stroma, while a fold doubles the floor too.
+        od = ndimage.grey_opening(np.where(clean, od, 0.0), size=(floor_px, floor_px))
     sigma_px = params.fold_smoothing_um / mask_mpp / 2.0
     if sigma_px >= 0.3:
         # Normalised convolution: glass around the tissue does not pull the edges down.
@@ -256,7 +261,9 @@ def tile_flags(
     """The flags byte of each tile from its scores."""
     flags = np.full(np.shape(pen), FLAG_CHECKED, dtype=np.uint8)
     flags[np.asarray(pen) >= params.pen_max_tile_fraction] |= FLAG_PEN
-    flags[np.asarray(blur) >= params.blur_max_tile_fraction] |= FLAG_BLUR
+    pen_flagged = (flags & FLAG_PEN) > 0
+    # Ink hides the tissue beneath it, so its focus cannot be judged: such a tile is "pen".
+    flags[(np.asarray(blur) >= params.blur_max_tile_fraction) & ~pen_flagged] |= FLAG_BLUR
     flags[np.asarray(fold) >= params.fold_max_tile_fraction] |= FLAG_FOLD
     return flags
 

@@ -38,6 +38,7 @@ class QCParams:
     fold_background_um: float = 150.0  # side of the square "around" (wider than a fold)
     fold_min_od: float = 0.45  # and at least this (sum over RGB), so pale slides have no folds
     fold_smoothing_um: float = 12.0
+    fold_floor_um: float = 0.0  # grey opening: the density of the lightest parts nearby
     fold_min_area_um2: float = 4000.0
     # --- blur (tile pixels, in blocks): RMS Laplacian of optical density over mean optical
     # density, so stain density cancels out; a block below the threshold is out of focus
@@ -75,6 +76,7 @@ class QCParams:
             "pen_dilate_um",
             "pen_min_area_um2",
             "fold_smoothing_um",
+            "fold_floor_um",
             "fold_min_area_um2",
             "fold_background_um",
             "fold_min_od",

@@ -7,7 +7,7 @@ and folds, and each tile at level 0, JPEG-compressed like a stored tile, for blu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -50,6 +50,7 @@ class SlideQCEval:
     clean_tiles: int  # tissue tiles no artefact touches
     clean_flagged: int  # of those, flagged for anything
     n_tiles: int
+    clean_flagged_by: dict[str, int] = field(default_factory=dict)  # per detector
 
 
 def _truth_fractions(truth: np.ndarray, ds: float, coords: np.ndarray, size0: float) -> np.ndarray:
@@ -107,7 +108,8 @@ def evaluate_slide(
             found=int((flagged & (frac >= MOSTLY_FRACTION)).sum()),
         )
     clean = ~touched
-    return SlideQCEval(scores, int(clean.sum()), int((qc.flagged & clean).sum()), len(coords))
+    by = {k: int((((qc.flags & FLAG_BITS[k]) > 0) & clean).sum()) for k in ARTEFACTS}
+    return SlideQCEval(scores, int(clean.sum()), int((qc.flagged & clean).sum()), len(coords), by)
 
 
 def evaluate_seeds(
@@ -123,5 +125,7 @@ def evaluate_seeds(
             total.scores[k].add(one.scores[k])
         total.clean_tiles += one.clean_tiles
         total.clean_flagged += one.clean_flagged
+        for k in ARTEFACTS:
+            total.clean_flagged_by[k] = total.clean_flagged_by.get(k, 0) + one.clean_flagged_by[k]
         total.n_tiles += one.n_tiles
     return total
