@@ -139,7 +139,7 @@ def artefact_slide(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
 
 
 def _tile_store(slide, out: Path, workers: int, **kw):  # noqa: ANN001, ANN202
-    from histoduo.sources import SlideSource
+    from histoduo.slide.sources import SlideSource
     from histoduo.tiling import TilingParams, tile_slides
 
     params = TilingParams(target_mpp=0.5, tile_size_px=128)

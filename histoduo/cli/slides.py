@@ -32,7 +32,7 @@ def _console(stderr: bool = False):  # noqa: ANN202 - rich is imported lazily
 
 
 def _sources(slides: list[str], slide_mpp: float | None, shard: str | None):  # noqa: ANN202
-    from histoduo.sources import collect_sources, parse_shard, select_shard
+    from histoduo.slide.sources import collect_sources, parse_shard, select_shard
 
     try:
         sources = select_shard(collect_sources(slides, slide_mpp), parse_shard(shard))

@@ -78,7 +78,7 @@ def qc_features(
 ) -> list[dict[str, Any]]:
     """QuPath annotations (level-0 px) of the artefact regions, one feature per artefact,
     with its area in um^2."""
-    from histoduo.geojson import mask_to_polygons, polygon_feature, ring_area
+    from histoduo.slide.geojson import mask_to_polygons, polygon_feature, ring_area
 
     features = []
     for name, bit in (("pen", FLAG_PEN), ("blur", FLAG_BLUR), ("fold", FLAG_FOLD)):
@@ -101,7 +101,7 @@ def qc_features(
 
 def write_burdens_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
     """One row per slide: slide, status, tissue area, the burdens (0-1), error; atomically."""
-    from histoduo.run.files import atomic_write
+    from histoduo.runtime.files import atomic_write
 
     fields = ["slide", "path", "status", "tissue_area_mm2", *BURDEN_FIELDS, "n_tiles", "error"]
     with atomic_write(Path(path), "w", newline="") as handle:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from histoduo.geojson import write_feature_collection
+from histoduo.slide.geojson import write_feature_collection
 from histoduo.qc.detect import detect_artefacts, slide_burdens, tile_blur_score, tile_qc
 from histoduo.qc.outputs import (
     blur_mask_from_tiles,
@@ -28,11 +28,11 @@ from histoduo.qc.outputs import (
     write_burdens_csv,
 )
 from histoduo.qc.params import FLAG_BLUR, QCParams
-from histoduo.run.errors import HistoduoError
-from histoduo.run.files import atomic_write_bytes
-from histoduo.run.slides import run_slides
+from histoduo.runtime.errors import HistoduoError
+from histoduo.runtime.files import atomic_write_bytes
+from histoduo.runtime.slides import run_slides
 from histoduo.slide import Slide, SlideError, open_slide
-from histoduo.sources import SlideSource
+from histoduo.slide.sources import SlideSource
 from histoduo.tissue import TissueMask, TissueParams, detect_tissue, require_tissue
 
 BURDENS_CSV = "qc_burdens.csv"

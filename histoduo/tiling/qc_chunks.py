@@ -10,8 +10,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from histoduo import tileio
 from histoduo.qc import QCParams, tile_blur_scores
+from histoduo.runtime.codec import encode_jpeg
+from histoduo.tiling import read as tileio
 
 
 @dataclass(frozen=True)
@@ -26,5 +27,5 @@ def read_chunk_qc(job: QCChunkTask) -> tuple[list[np.ndarray] | np.ndarray, np.n
     tiles = tileio.read_chunk(replace(task, encoding=None))
     blur = tile_blur_scores(tiles, job.params)
     if task.encoding == "jpeg":
-        return [tileio.encode_jpeg(t, task.jpeg_quality) for t in tiles], blur
+        return [encode_jpeg(t, task.jpeg_quality) for t in tiles], blur
     return tiles, blur

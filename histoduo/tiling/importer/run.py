@@ -9,28 +9,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from histoduo.importer.load import _load_groups, _pool
-from histoduo.importer.mosaic import (
-    _group_data,
-    _group_entries,
-    _probe_size,
-    choose_tile_size,
-    tile_mpp,
-)
-from histoduo.importer.scan import (
-    ImageEntry,
-    ImageImportError,
-    ImportParams,
-    read_labels_csv,
-    scan_folder,
-)
-from histoduo.run.files import atomic_write_text
+from histoduo.runtime.files import atomic_write_text
 from histoduo.store import (
     SlideGroupData,
     SlidePartWriter,
     StoreError,
     assemble_store,
     group_key,
+)
+from histoduo.tiling.importer.load import _load_groups, _pool
+from histoduo.tiling.importer.mosaic import (
+    _group_data,
+    _group_entries,
+    _probe_size,
+    choose_tile_size,
+    tile_mpp,
+)
+from histoduo.tiling.importer.scan import (
+    ImageEntry,
+    ImageImportError,
+    ImportParams,
+    read_labels_csv,
+    scan_folder,
 )
 
 _MPP_SPREAD_WARNING = 1.10  # warn when stored resolutions differ by more than 10%

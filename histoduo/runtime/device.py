@@ -9,7 +9,6 @@ workers. torch is imported inside functions so importing this module stays insta
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -84,11 +83,16 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     return torch.device("cuda", index)
 
 
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto``: bf16 on CUDA; fp32 on CPU, where bf16 is only faster on CPUs with native bf16
     (benchmarks/bench_precision.py, docs/performance.md) and would change CPU results."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_precision(precision)
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return precision
@@ -96,27 +100,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def default_batch_size(device: torch.device) -> int:
     return GPU_BATCH if device.type == "cuda" else CPU_BATCH
-
-
-def usable_cores() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return cores or 1
-
-
-def default_workers(reads: str = "pixels", cores: int | None = None) -> int:
-    """DataLoader workers when the user gives none.
-
-    ``pixels``: workers decode or resample tiles, the CPU-heavy part; on 2 cores one decoder
-    beside the model measured best (benchmarks/bench_predict.py), with more cores all but the
-    one the main process needs. ``bytes``: workers only read JPEG bytes from HDF5 for the GPU
-    to decode, which a few processes keep up with.
-    """
-    cores = usable_cores() if cores is None else cores
-    if reads == "bytes":
-        return max(1, min(4, cores - 1))
-    if reads != "pixels":
-        raise ValueError(f"reads must be 'pixels' or 'bytes', got {reads!r}")
-    return 1 if cores <= 2 else cores - 1
 
 
 @dataclass(frozen=True)
@@ -167,8 +150,6 @@ class Runtime:
         autocast in :meth:`autocast`, which keeps softmax and norms in fp32.
         """
         import torch
-
-        from histoduo.models import maybe_compile
 
         model = model.to(self.device).eval()
         if self.precision == "bf16":
@@ -286,3 +267,15 @@ def throughput_report(
         "peak_gpu_memory_gib": peak_memory_gib(device),
         **details,
     }
+
+
+def maybe_compile(model: nn.Module, enabled: bool, **kwargs: object) -> nn.Module:
+    """``torch.compile(model)`` when enabled (and available), else the model unchanged."""
+    if not enabled:
+        return model
+    import torch
+
+    if not hasattr(torch, "compile"):
+        log.warning("torch.compile is not available in this torch; running eagerly")
+        return model
+    return torch.compile(model, **kwargs)  # type: ignore[return-value]

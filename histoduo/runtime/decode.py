@@ -22,13 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from histoduo.accel import check_decode
-from histoduo.training.data import TileBatches
+from histoduo.runtime.device import check_decode
 
 if TYPE_CHECKING:
     import torch
 
-    from histoduo.store import TileStore
 
 log = logging.getLogger(__name__)
 
@@ -79,40 +77,6 @@ def encoded_pixels(tiles: np.ndarray) -> EncodedBatch:
     return EncodedBatch(pixels=torch.from_numpy(np.ascontiguousarray(tiles)))
 
 
-def read_encoded(store: TileStore, slide: str, indices: Sequence[int] | np.ndarray) -> EncodedBatch:
-    """One slide's tiles from a store, undecoded where the store holds JPEG."""
-    blobs = store.read_jpeg_bytes(slide, indices)
-    if blobs is None:
-        return encoded_pixels(store.read_tiles(slide, indices))
-    return EncodedBatch(jpeg=blobs)
-
-
-class EncodedTileBatches(TileBatches):
-    """:class:`TileBatches` whose workers only read: items are ``(seed, EncodedBatch, labels)``
-    and :func:`device_batches` decodes and transforms them in the main process, with the same
-    per-batch augmentation seed the worker would have used."""
-
-    def read_encoded(self, rows: Sequence[int]) -> EncodedBatch:
-        rows = np.asarray(rows)
-        slides = self.slides[rows]
-        out: list[np.ndarray | None] = [None] * len(rows)
-        for slide in np.unique(slides):
-            where = np.flatnonzero(slides == slide)
-            blobs = self.store.read_jpeg_bytes(str(slide), self.tiles[rows[where]])
-            if blobs is None:  # a raw-pixel slide in the batch: send pixels for all
-                return encoded_pixels(self.read(rows))
-            for position, blob in zip(where, blobs):
-                out[position] = blob
-        return EncodedBatch(jpeg=out)  # type: ignore[arg-type]
-
-    def __getitem__(self, item: Sequence[int] | tuple[int, Sequence[int]]) -> tuple[Any, ...]:
-        import torch
-
-        seed, rows = item if isinstance(item, tuple) else (None, item)
-        labels = torch.as_tensor(self.labels[np.asarray(rows)], dtype=torch.long)
-        return seed, self.read_encoded(rows), labels
-
-
 # --- the main-process side ---------------------------------------------------------------------
 
 
@@ -123,8 +87,8 @@ def torchvision_decodes(device: str) -> bool:
     try:
         import torch
 
-        from histoduo._torchcompat import ensure_torchvision
-        from histoduo.tileio import encode_jpeg
+        from histoduo.runtime.codec import encode_jpeg
+        from histoduo.runtime.torchcompat import ensure_torchvision
 
         ensure_torchvision()
         from torchvision.io import ImageReadMode
@@ -147,7 +111,7 @@ def decode_jpeg_batch(blobs: Sequence[np.ndarray], device: torch.device) -> torc
     import torch
 
     if device.type == "cuda" or torchvision_decodes("cpu"):
-        from histoduo._torchcompat import ensure_torchvision
+        from histoduo.runtime.torchcompat import ensure_torchvision
 
         ensure_torchvision()
         from torchvision.io import ImageReadMode
@@ -157,7 +121,7 @@ def decode_jpeg_batch(blobs: Sequence[np.ndarray], device: torch.device) -> torc
         tensors = [torch.from_numpy(np.asarray(b, dtype=np.uint8)) for b in blobs]
         images = tv_decode(tensors, mode=ImageReadMode.RGB, device=device)
         return torch.stack(images)
-    from histoduo.tileio import decode_jpeg
+    from histoduo.runtime.codec import decode_jpeg
 
     tiles = np.stack([decode_jpeg(b) for b in blobs])
     return torch.from_numpy(tiles).permute(0, 3, 1, 2).to(device)
@@ -165,7 +129,7 @@ def decode_jpeg_batch(blobs: Sequence[np.ndarray], device: torch.device) -> torc
 
 def decode_batch(batch: EncodedBatch, device: torch.device) -> torch.Tensor:
     """An encoded batch -> (B, 3, H, W) uint8 on ``device``."""
-    from histoduo.accel import to_device
+    from histoduo.runtime.device import to_device
 
     if batch.jpeg is not None:
         return decode_jpeg_batch(batch.jpeg, device)
@@ -182,7 +146,7 @@ def model_batch(
     Encoded batches are decoded there and ``finish`` (uint8 -> normalised float) runs there;
     batches the workers already normalised are only copied.
     """
-    from histoduo.accel import to_device
+    from histoduo.runtime.device import to_device
 
     if isinstance(x, EncodedBatch):
         return finish(decode_batch(x, device))
@@ -201,7 +165,7 @@ def device_batches(
     augmentation seeded as in the worker)."""
     import torch
 
-    from histoduo.accel import to_device
+    from histoduo.runtime.device import to_device
 
     transform = loader.dataset.transform
     for item in loader:

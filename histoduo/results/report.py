@@ -16,18 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from histoduo.grading import GradeParams, SlideGrade, UncertaintyParams, explain_grade
-from histoduo.run.files import atomic_write_text
-from histoduo.tables import SLIDES_CSV, SlideRecord, collect_slides
-
-REPORT_FILE = "report.html"
-# Maps in the order a reader wants them; prob_<class> maps follow in class order.
-MAP_FILES = (
-    ("thumbnail.png", "Thumbnail"),
-    ("class_map.png", "Class map"),
-    ("class_overlay.png", "Classes over the tissue"),
-    ("grade_map.png", "Tumour grade map"),
+from histoduo.results.layout import (
+    LINK_FILES,
+    MANIFEST_FILE,
+    MAP_FILES,
+    REPORT_FILE,
+    SLIDES_CSV,
+    manifest_paths,
+    prob_map_name,
 )
-LINK_FILES = ("tiles.csv", "tiles.geojson", "tissue.geojson", "summary.json")
+from histoduo.results.tables import SlideResult, collect_slides
+from histoduo.runtime.files import atomic_write_text
 
 
 @dataclass
@@ -74,7 +73,7 @@ def _rel(path: Path, start: Path) -> str:
     return Path(os.path.relpath(path, start)).as_posix()
 
 
-def _slide_view(record: SlideRecord, maps_dir: Path, report_dir: Path) -> SlideView:
+def _slide_view(record: SlideResult, maps_dir: Path, report_dir: Path) -> SlideView:
     anchor = "slide-" + "".join(c if c.isalnum() else "-" for c in record.name)
     if record.summary is None:
         error = record.error or {}
@@ -83,7 +82,7 @@ def _slide_view(record: SlideRecord, maps_dir: Path, report_dir: Path) -> SlideV
         )
     summary, display = record.summary, record.display
     grade = _slide_grade(record.grade)
-    params = _grade_params(summary.get("grade_params", {}))
+    params = _grade_params(summary.grade_params)
     view = SlideView(
         name=record.name,
         anchor=anchor,
@@ -95,8 +94,8 @@ def _slide_view(record: SlideRecord, maps_dir: Path, report_dir: Path) -> SlideV
         uncertainty=[u["text"] for u in grade.uncertainty],
         tumour_fraction=grade.tumour_fraction,
         grade_fractions=[(display.get(g, g), v) for g, v in grade.grade_fractions.items()],
-        tissue_area_mm2=summary.get("tissue_area_mm2"),
-        n_tiles=int(summary.get("n_tiles", 0)),
+        tissue_area_mm2=summary.tissue_area_mm2,
+        n_tiles=summary.n_tiles,
         reasoning=explain_grade(grade, params, display),
     )
     images = maps_dir / record.folder.name
@@ -104,7 +103,7 @@ def _slide_view(record: SlideRecord, maps_dir: Path, report_dir: Path) -> SlideV
         if (images / filename).exists():
             view.figures.append(Figure(_rel(images / filename, report_dir), caption))
     for cls, shown in display.items():
-        path = images / f"prob_{_safe_name(cls)}.png"
+        path = images / prob_map_name(cls)
         if path.exists():
             view.prob_figures.append(Figure(_rel(path, report_dir), f"Probability of {shown}"))
     for filename in LINK_FILES:
@@ -113,17 +112,11 @@ def _slide_view(record: SlideRecord, maps_dir: Path, report_dir: Path) -> SlideV
     return view
 
 
-def _safe_name(name: str) -> str:
-    """How heatmap.py names prob_<class>.png (kept here so the report needs no map code)."""
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-
-
 def _model_line(run_dir: Path) -> str:
     """The checkpoint in words, from the run's (or a shard's) manifest; "" if none."""
     import json
 
-    manifests = [run_dir / "manifest.json", *sorted(run_dir.glob("manifest.shard-*.json"))]
-    for path in manifests:
+    for path in manifest_paths(run_dir):
         try:
             checkpoint = json.loads(path.read_text())["checkpoint"]
         except (OSError, ValueError, KeyError, TypeError):
@@ -149,7 +142,7 @@ def render_report(run_dir: str | Path, maps_dir: str | Path | None = None,
     report_dir = target.parent
     slides = [_slide_view(r, maps, report_dir) for r in collect_slides(run_dir)]
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("histoduo", "templates"),
+        loader=jinja2.PackageLoader("histoduo.results", "templates"),
         autoescape=jinja2.select_autoescape(["html", "j2"]),
         undefined=jinja2.StrictUndefined,
     )
@@ -157,7 +150,7 @@ def render_report(run_dir: str | Path, maps_dir: str | Path | None = None,
 
     run_links = [
         (name, _rel(run_dir / name, report_dir))
-        for name in (SLIDES_CSV, "manifest.json")
+        for name in (SLIDES_CSV, MANIFEST_FILE)
         if (run_dir / name).exists()
     ]
     return env.get_template("report.html.j2").render(

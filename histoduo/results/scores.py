@@ -1,7 +1,7 @@
 """Per-tile scores of one slide: what prediction produces and every picture is drawn from.
 
 :class:`SlideScores` is the type that passes from prediction (``histoduo.predict``) to its
-outputs and to the maps (``histoduo.heatmap``); ``scores.npz`` is its file.
+outputs and to the maps (``histoduo.results.maps``); ``scores.npz`` is its file.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from histoduo.run.files import atomic_write
-
-SCORES_FILE = "scores.npz"
+from histoduo.runtime.files import atomic_write
 
 
 @dataclass
@@ -38,7 +36,7 @@ class SlideScores:
     slide_mpp: float
     target_mpp: float
     tile_size_px: int
-    # Names people read, in class order (histoduo.display); None: derived from the ids.
+    # Names people read, in class order (histoduo.results.display); None: derived from the ids.
     class_display_names: list[str] | None = None
     # Tumour grade classes low -> high (checkpoint roles); None: grade map paints every class.
     grade_classes: list[str] | None = None
@@ -49,7 +47,7 @@ class SlideScores:
 
     @property
     def display_names(self) -> list[str]:
-        from histoduo.display import default_display_name
+        from histoduo.results.display import default_display_name
 
         given = self.class_display_names or []
         if len(given) == len(self.class_names):

@@ -27,111 +27,28 @@ when unpickled; :func:`load_checkpoint` reads them only with ``trust=True``
 from __future__ import annotations
 
 import json
-import os
-import re
-import struct
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from histoduo.run.errors import HistoduoError
-from histoduo.run.files import atomic_write_bytes
+from histoduo.grading.roles import ClassRoles
+from histoduo.models.pickles import (  # noqa: F401 - re-exported
+    CHECKPOINT_FORMAT,
+    MAX_HEADER_BYTES,
+    TRUST_FLAG,
+    CheckpointError,
+    pickle_names_histoduo,
+    sniff_format,
+    untrusted_pickle_error,
+    warn_trusted_pickle,
+)
+from histoduo.runtime.files import atomic_write_bytes
 
-CHECKPOINT_FORMAT = "histoduo-checkpoint"
 CHECKPOINT_VERSION = 2
 PICKLE_VERSION = 1  # the torch.save format of histoduo before safetensors checkpoints
-TRUST_FLAG = "--trust-checkpoint"
 
-_NORMAL_NAMES = {"normal", "benign", "healthy", "non_tumor", "non-tumor", "nontumor", "stroma"}
-_NECROSIS_NAMES = {"necrosis", "necrotic"}
-_LOW_WORDS = ("low",)
-_HIGH_WORDS = ("high",)
-# safetensors caps its JSON header at 100 MB; a bigger claimed header is a corrupt file.
-_MAX_HEADER_BYTES = 100_000_000
 _MODEL_PREFIX = "model_state/"
 _TRAIN_PREFIX = "train_state/"
-
-
-class CheckpointError(HistoduoError):
-    """A file is not a usable histoduo checkpoint; the message names the file."""
-
-
-@dataclass
-class ClassRoles:
-    """What each class means for slide-level grading.
-
-    ``grades`` are tumour classes ordered from lowest to highest grade (one entry = tumour
-    without grades, e.g. TCGA's "cancer"); ``normal`` and ``necrosis`` are reported as area
-    fractions; ``other`` classes are ignored by the grade rule.
-    """
-
-    grades: list[str] = field(default_factory=list)
-    normal: list[str] = field(default_factory=list)
-    necrosis: list[str] = field(default_factory=list)
-    other: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, list[str]]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, list[str]]) -> ClassRoles:
-        return cls(**{k: list(v) for k, v in data.items()})
-
-    def validate(self, class_names: list[str]) -> None:
-        named = self.grades + self.normal + self.necrosis + self.other
-        unknown = sorted(set(named) - set(class_names))
-        if unknown:
-            raise ValueError(f"class roles name unknown classes {unknown}; classes: {class_names}")
-        twice = sorted({n for n in named if named.count(n) > 1})
-        if twice:
-            raise ValueError(f"classes given more than one role: {twice}")
-
-    @classmethod
-    def infer(cls, class_names: list[str], grades: list[str] | None = None) -> ClassRoles:
-        """Roles from class names: normal/benign, necrosis, and grades ordered low -> high
-        (``low_grade`` < ``high_grade``; ``grade_1`` < ``grade_2``; ``G1`` < ``G4``).
-
-        ``grades`` overrides the inferred grade order; every other class that is neither
-        normal nor necrosis is a tumour grade of its own only if nothing else is a grade.
-        """
-        roles = cls()
-        rest: list[str] = []
-        for name in class_names:
-            key = name.strip().lower()
-            if grades is not None and name in grades:
-                continue
-            if key in _NORMAL_NAMES:
-                roles.normal.append(name)
-            elif key in _NECROSIS_NAMES:
-                roles.necrosis.append(name)
-            else:
-                rest.append(name)
-        if grades is not None:
-            roles.grades = list(grades)
-            roles.other = rest
-        else:
-            graded = [n for n in rest if _grade_rank(n) is not None]
-            roles.grades = sorted(graded, key=lambda n: _grade_rank(n) or 0.0)
-            roles.other = [n for n in rest if n not in graded]
-            if not roles.grades and len(roles.other) == 1:
-                roles.grades, roles.other = roles.other, []  # e.g. "cancer", "tumor"
-        roles.validate(class_names)
-        return roles
-
-
-def _grade_rank(name: str) -> float | None:
-    key = name.strip().lower()
-    number = re.search(r"(?:grade|^g)[ _-]?(\d)", key)
-    if number:
-        return float(number.group(1))
-    if any(word in key for word in _LOW_WORDS):
-        return 1.0
-    if any(word in key for word in _HIGH_WORDS):
-        return 3.0
-    if "grade" in key or "tumo" in key or "cancer" in key or "carcinoma" in key:
-        return 2.0
-    return None
 
 
 @dataclass
@@ -151,7 +68,7 @@ class CheckpointMeta:
     metrics: dict[str, Any] = field(default_factory=dict)
     epoch: int = 0
     # {class id: name people read, e.g. "ISUP grade 3-4"}; missing classes get a default
-    # derived from the id (histoduo.display). Absent in older checkpoints.
+    # derived from the id (histoduo.results.display). Absent in older checkpoints.
     class_display_names: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -277,57 +194,6 @@ def save_checkpoint(
 # --- loading -------------------------------------------------------------------------------
 
 
-def sniff_format(path: Path) -> str:
-    """'safetensors', 'torch-zip', 'torch-pickle' (old torch.save) or 'unknown', from the
-    first bytes only (nothing is parsed or unpickled)."""
-    with open(path, "rb") as handle:
-        head = handle.read(9)
-        size = os.fstat(handle.fileno()).st_size
-    if head.startswith(b"PK\x03\x04"):
-        return "torch-zip"
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        return "torch-pickle"
-    if len(head) == 9:
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if head[8:9] == b"{" and 8 + header_len <= size and header_len <= _MAX_HEADER_BYTES:
-            return "safetensors"
-    return "unknown"
-
-
-def _pickle_names_histoduo(path: Path) -> bool:
-    """Whether a torch zip file's pickle mentions our format tag, read with ``pickletools``
-    (which lists opcodes and never builds objects, so nothing runs)."""
-    import pickletools
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
-            data = archive.read(name)
-        return any(arg == CHECKPOINT_FORMAT for _, arg, _ in pickletools.genops(data))
-    except Exception:  # not a zip, no pickle, a malformed pickle: just not recognised
-        return False
-
-
-def untrusted_pickle_error(path: Path, what: str = "checkpoint") -> CheckpointError:
-    return CheckpointError(
-        path,
-        f"this {what} is a pickle (torch.save), and loading a pickle can run any code it "
-        f"contains. histoduo does not load pickles unless told to: if you trust where the "
-        f"file comes from, pass {TRUST_FLAG} (and resave it with `histoduo "
-        f"convert-checkpoint` for checkpoints, or as .safetensors for weights)",
-    )
-
-
-def warn_trusted_pickle(path: Path) -> None:
-    # Straight to stderr, not a logger nobody configured: this warning must be seen.
-    print(
-        f"warning: {path} is a pickle; loading it with {TRUST_FLAG} runs any code inside it. "
-        "Only do this for files from a source you trust.",
-        file=sys.stderr,
-    )
-
-
 def _load_pickled(path: Path, map_location: str) -> dict[str, Any]:
     import pickle
 
@@ -406,7 +272,7 @@ def load_checkpoint(
         payload = _load_safetensors(path, map_location)
     elif kind in ("torch-zip", "torch-pickle"):
         if not trust:
-            if kind == "torch-zip" and not _pickle_names_histoduo(path):
+            if kind == "torch-zip" and not pickle_names_histoduo(path):
                 raise _foreign(path)
             raise untrusted_pickle_error(path)
         payload = _load_pickled(path, map_location)

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from histoduo.geojson import (
+from histoduo.slide import Slide, SlideError
+from histoduo.slide.geojson import (
     Annotation,
     Polygon,
     class_color,
@@ -25,7 +26,6 @@ from histoduo.geojson import (
     ring_area,
     write_feature_collection,
 )
-from histoduo.slide import Slide, SlideError
 
 ROI_MODES = ("intersect", "replace")
 # Pixels darker than this (max channel, 0-1) have meaningless saturation (sensor noise on
@@ -376,7 +376,7 @@ def overlay_image(mask: TissueMask, alpha: float = 0.3) -> np.ndarray:
 def _save_png_atomic(image: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    from histoduo.run.files import atomic_path
+    from histoduo.runtime.files import atomic_path
 
     with atomic_path(path) as tmp:
         Image.fromarray(image).save(tmp, format="PNG")

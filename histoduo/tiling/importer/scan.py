@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from histoduo.run.errors import HistoduoError
+from histoduo.runtime.errors import HistoduoError
 from histoduo.slide import unsafe_name_reason
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")

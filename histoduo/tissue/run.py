@@ -1,7 +1,7 @@
 """The ``tissue`` run: detect tissue on each slide and write its mask, overlay and GeoJSON.
 
 Slides come from the same sources as ``tile`` (files, folders, globs, slide CSVs, shards) and
-go through the shared per-slide loop (:func:`histoduo.run.slides.run_slides`).
+go through the shared per-slide loop (:func:`histoduo.runtime.slides.run_slides`).
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from histoduo.geojson import check_annotations
-from histoduo.run.errors import HistoduoError
-from histoduo.run.slides import run_slides
+from histoduo.runtime.errors import HistoduoError
+from histoduo.runtime.slides import run_slides
 from histoduo.slide import SlideError, open_slide
-from histoduo.sources import SlideSource
+from histoduo.slide.geojson import check_annotations
+from histoduo.slide.sources import SlideSource
 from histoduo.tissue import TissueParams, detect_tissue, require_tissue, save_tissue_outputs
 
 

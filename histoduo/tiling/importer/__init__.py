@@ -35,10 +35,10 @@ folder or in ``class_names``), images that do not decode, an empty folder. With
 The store is written atomically (part files, then ``assemble_store``).
 """
 
-from histoduo.importer.load import square_tile
-from histoduo.importer.mosaic import choose_tile_size, grid_columns, mosaic_coords, tile_mpp
-from histoduo.importer.run import ImportReport, import_images
-from histoduo.importer.scan import (
+from histoduo.tiling.importer.load import square_tile
+from histoduo.tiling.importer.mosaic import choose_tile_size, grid_columns, mosaic_coords, tile_mpp
+from histoduo.tiling.importer.run import ImportReport, import_images
+from histoduo.tiling.importer.scan import (
     ENCODINGS,
     IMAGE_SUFFIXES,
     ImageEntry,

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
-from histoduo.run.errors import HistoduoError
+from histoduo.runtime.errors import HistoduoError
 
 T = TypeVar("T")
 

@@ -15,16 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from histoduo.display import default_display_name, display_names
-from histoduo.run.files import atomic_write_text
+from histoduo.results.display import default_display_name, display_names
+from histoduo.results.layout import (
+    ERROR_FILE,
+    SLIDES_CSV,
+    SUMMARY_FILE,
+    SlideSummary,
+    is_done,
+)
+from histoduo.runtime.files import atomic_write_text
 
 if TYPE_CHECKING:
-    from histoduo.heatmap import SlideScores
-
-DONE_MARKER = "done"
-SUMMARY_FILE = "summary.json"
-ERROR_FILE = "error.json"
-SLIDES_CSV = "slides.csv"
+    from histoduo.results.scores import SlideScores
 
 
 def tiles_columns(class_names: list[str]) -> list[str]:
@@ -58,26 +60,27 @@ def tiles_table_text(scores: SlideScores) -> str:
 
 
 @dataclass
-class SlideRecord:
+class SlideResult:
     """One slide folder of a run: a finished slide's summary or a failed slide's error."""
 
     folder: Path
-    summary: dict[str, Any] | None = None
+    summary: SlideSummary | None = None
     error: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
-        data = self.summary or self.error or {}
-        return str(data.get("slide", self.folder.name))
+        if self.summary is not None:
+            return self.summary.slide
+        return str((self.error or {}).get("slide", self.folder.name))
 
     @property
     def grade(self) -> dict[str, Any]:
-        return (self.summary or {}).get("grade", {})
+        return self.summary.grade if self.summary is not None else {}
 
     @property
     def display(self) -> dict[str, str]:
         """{class id: display name}, the no-tumour call included."""
-        given = (self.summary or {}).get("class_display_names", {})
+        given = self.summary.class_display_names if self.summary is not None else {}
         names = display_names(list(self.grade.get("class_fractions", {})), given)
         call = self.grade.get("call", "")
         if call and call not in names:
@@ -85,18 +88,14 @@ class SlideRecord:
         return names
 
 
-def collect_slides(out_dir: Path) -> list[SlideRecord]:
+def collect_slides(out_dir: Path) -> list[SlideResult]:
     """Every slide folder of a run, finished (``done`` + summary) or failed, by name."""
     records = []
     for folder in sorted(p for p in Path(out_dir).iterdir() if p.is_dir()):
-        if (folder / DONE_MARKER).exists() and (folder / SUMMARY_FILE).exists():
-            records.append(
-                SlideRecord(folder, summary=json.loads(folder.joinpath(SUMMARY_FILE).read_text()))
-            )
+        if is_done(folder) and (folder / SUMMARY_FILE).exists():
+            records.append(SlideResult(folder, summary=SlideSummary.read(folder)))
         elif (folder / ERROR_FILE).exists():
-            records.append(
-                SlideRecord(folder, error=json.loads(folder.joinpath(ERROR_FILE).read_text()))
-            )
+            records.append(SlideResult(folder, error=json.loads((folder / ERROR_FILE).read_text())))
     return records
 
 
@@ -126,7 +125,7 @@ def slides_columns(class_names: list[str], grade_names: list[str]) -> list[str]:
     )
 
 
-def _slide_row(record: SlideRecord) -> dict[str, Any]:
+def _slide_row(record: SlideResult) -> dict[str, Any]:
     if record.summary is None:
         error = record.error or {}
         return {
@@ -140,10 +139,10 @@ def _slide_row(record: SlideRecord) -> dict[str, Any]:
     call = grade.get("call", "")
     row: dict[str, Any] = {
         "slide": record.name,
-        "path": summary.get("path", ""),
+        "path": summary.path,
         "status": "done",
-        "tiles": summary.get("n_tiles", 0),
-        "tissue_area_mm2": summary.get("tissue_area_mm2"),
+        "tiles": summary.n_tiles,
+        "tissue_area_mm2": summary.tissue_area_mm2,
         "call": call,
         "call_display_name": record.display.get(call, call),
         "confidence": grade.get("confidence"),
@@ -151,9 +150,9 @@ def _slide_row(record: SlideRecord) -> dict[str, Any]:
         "uncertainty_codes": ";".join(u["code"] for u in grade.get("uncertainty", [])),
         "uncertainty_reason": "; ".join(u["text"] for u in grade.get("uncertainty", [])),
         "tumour_fraction": grade.get("tumour_fraction"),
-        "slide_mpp": summary.get("slide_mpp"),
-        "tile_mpp": summary.get("target_mpp"),
-        "model_mpp": summary.get("model_mpp"),
+        "slide_mpp": summary.slide_mpp,
+        "tile_mpp": summary.target_mpp,
+        "model_mpp": summary.model_mpp,
     }
     for cls, value in grade.get("class_fractions", {}).items():
         row[f"fraction_{cls}"] = value

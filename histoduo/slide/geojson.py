@@ -1,7 +1,8 @@
 """QuPath-style GeoJSON: read annotations, write feature collections, rasterise, vectorise.
 
 Coordinates are always level-0 pixels, origin at the top-left of the full-resolution image,
-x first (conventions.md). A polygon is ``(exterior (K, 2) float, [hole (K, 2) float, ...])``.
+x first (the QuPath and CLAM/TRIDENT convention). A polygon is
+``(exterior (K, 2) float, [hole (K, 2) float, ...])``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from histoduo.run.files import atomic_write_text  # noqa: F401 - re-exported
+from histoduo.runtime.files import atomic_write_text  # noqa: F401 - re-exported
 
 Polygon = tuple[np.ndarray, list[np.ndarray]]
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from histoduo.importer.mosaic import _cell_px
-from histoduo.importer.scan import ImageEntry, ImportParams
-from histoduo.run.pool import pool_context
+from histoduo.runtime.pool import pool_context
+from histoduo.tiling.importer.mosaic import _cell_px
+from histoduo.tiling.importer.scan import ImageEntry, ImportParams
 
 _CHUNK_IMAGES = 32  # images per worker task
 
@@ -45,8 +45,8 @@ def square_tile(image: np.ndarray, tile_size_px: int) -> np.ndarray:
 def _load_one(path: str, task: _LoadTask) -> _Loaded:
     from PIL import Image
 
+    from histoduo.runtime.codec import encode_jpeg
     from histoduo.slide import resize_rgb
-    from histoduo.tileio import encode_jpeg
 
     try:
         with Image.open(path) as image:
@@ -75,7 +75,7 @@ def _load_chunk(task: _LoadTask) -> list[_Loaded]:
 
 def _pool(workers: int) -> Any:
     # Workers start clean (never a fork of a parent holding HDF5 handles).
-    return pool_context(["histoduo.importer.load", "PIL.Image", "imagecodecs"]).Pool(workers)
+    return pool_context(["histoduo.tiling.importer.load", "PIL.Image", "imagecodecs"]).Pool(workers)
 
 
 def _load_groups(

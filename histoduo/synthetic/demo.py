@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from histoduo.run.files import atomic_write_text
+from histoduo.runtime.files import atomic_write_text
 from histoduo.synthetic import DEFAULT_CLASSES, SyntheticSlide, SyntheticSlideSpec
 from histoduo.training.metrics import balanced_accuracy
 
@@ -124,7 +124,7 @@ def run_demo(
     import pandas as pd
 
     from histoduo.predict import PredictParams, predict_run
-    from histoduo.sources import SlideSource
+    from histoduo.slide.sources import SlideSource
     from histoduo.tiling import TilingParams, tile_slides
     from histoduo.training import TrainConfig, train
 

@@ -9,7 +9,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-    from histoduo.checkpoint import CheckpointMeta
+    from histoduo.models.checkpoint import CheckpointMeta
 
 EVAL_RESIZES = ("resize", "center_crop")
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from histoduo import __version__
-from histoduo.importer.scan import ImageEntry, ImageImportError, ImportParams
 from histoduo.store import (
     SlideGroupData,
     SlideRecord,
     group_key,
 )
+from histoduo.tiling.importer.scan import ImageEntry, ImageImportError, ImportParams
 
 _THUMBNAIL_MAX_PX = 256  # long side of a group's mosaic thumbnail
 

@@ -1,6 +1,7 @@
 """Pictures from saved scores: class map, per-class probability maps, grade map.
 
-Everything here reads ``scores.npz`` (:class:`histoduo.scores.SlideScores`), never the model, so
+Everything here reads ``scores.npz`` (:class:`~histoduo.results.scores.SlideScores`), never the
+model, so
 ``histoduo heatmap`` can redraw maps with other colours, alpha, classes or scaling.
 
 Painting follows the conventions: colour only inside the tissue mask, overlapping tiles
@@ -25,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from histoduo.run.files import atomic_write_bytes
-from histoduo.scores import SCORES_FILE, SlideScores  # noqa: F401 - re-exported
+from histoduo.results.layout import THUMBNAIL_PNG, safe_file_stem
+from histoduo.results.scores import SlideScores
+from histoduo.runtime.files import atomic_write_bytes
 
 
 @dataclass
@@ -182,18 +184,14 @@ def _grade_indices(scores: SlideScores, style: HeatmapStyle) -> list[int]:
 # --- files ----------------------------------------------------------------------------------
 
 
-def _safe_name(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-
-
 def render_thumbnail(
     scores: SlideScores, out_dir: str | Path, style: HeatmapStyle | None = None
 ) -> dict[str, Path]:
     """thumbnail.png: the slide thumbnail with a title and a scale bar."""
-    from histoduo.figures import map_figure_png
+    from histoduo.results.figures import map_figure_png
 
     style = style or HeatmapStyle()
-    path = Path(out_dir) / "thumbnail.png"
+    path = Path(out_dir) / THUMBNAIL_PNG
     path.parent.mkdir(parents=True, exist_ok=True)
     um = scores.thumbnail_downsample * scores.slide_mpp
     title = f"{scores.slide}: thumbnail"
@@ -212,7 +210,7 @@ def render_slide_maps(
     """
     import matplotlib
 
-    from histoduo.figures import ColorBar, map_figure_png
+    from histoduo.results.figures import ColorBar, map_figure_png
 
     style = style or HeatmapStyle()
     out = Path(out_dir)
@@ -268,7 +266,7 @@ def render_slide_maps(
             f", scaled to p{style.percentile:g}" if style.percentile else ""
         )
         write(
-            f"prob_{_safe_name(scores.class_names[k])}",
+            f"prob_{safe_file_stem(scores.class_names[k])}",
             map_figure_png(
                 image, um_thumb, f"{scores.slide}: probability of {names[k]}",
                 colorbar=ColorBar(style.cmap, 0.0, vmax, label), min_long_px=size,
@@ -289,31 +287,3 @@ def render_slide_maps(
         ),
     )  # fmt: skip
     return paths
-
-
-def redraw(
-    results: str | Path, style: HeatmapStyle, out_dir: str | Path | None = None
-) -> list[Path]:
-    """Redraw maps for one slide folder or every slide folder of a run; returns the folders.
-
-    ``out_dir``: where to write (``<out_dir>/<slide>/``); default the slide folders themselves.
-    """
-    results = Path(results)
-    if (results / SCORES_FILE).exists():
-        folders = [results]
-    elif results.is_dir():
-        folders = sorted(p for p in results.iterdir() if (p / SCORES_FILE).exists())
-    else:
-        folders = []
-    if not folders:
-        raise FileNotFoundError(f"{results}: no {SCORES_FILE} here or in its sub-folders")
-    for folder in folders:
-        scores = SlideScores.load(folder / SCORES_FILE)
-        target = folder if out_dir is None else Path(out_dir) / folder.name
-        render_slide_maps(scores, target, style)
-    # The run's report.html, with the redrawn maps (a single slide folder: its run's report).
-    from histoduo.report import REPORT_FILE, write_report
-
-    run_dir = folders[0].parent
-    write_report(run_dir, out_dir, Path(out_dir or run_dir) / REPORT_FILE)
-    return folders

@@ -21,17 +21,29 @@ def available_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def default_workers(*, beside_main: bool = False) -> int:
-    """Worker processes for a run.
+WORKER_KINDS = ("pool", "pixels", "bytes", "training")
 
-    ``beside_main=False`` (tiling, import: the parent only writes): one per core.
-    ``beside_main=True`` (predict: the parent runs the model): leave one core to the parent;
-    on 2 cores one decoder beside the model measured best (benchmarks/bench_predict.py).
+
+def default_workers(kind: str = "pool", cores: int | None = None) -> int:
+    """Worker processes when the user gives none: the one policy of every command.
+
+    - ``pool`` (tiling, import: the parent only writes): one per core.
+    - ``pixels`` (workers decode or resample tiles beside a model in the parent): leave one
+      core to the model; on 2 cores one decoder beside it measured best
+      (benchmarks/bench_predict.py).
+    - ``bytes`` (workers only read JPEG bytes for the GPU to decode): a few keep up, 1-4.
+    - ``training`` (DataLoader workers decoding and augmenting): up to 4, none on one core.
     """
-    cores = available_cores()
-    if not beside_main:
+    cores = available_cores() if cores is None else cores
+    if kind == "pool":
         return cores
-    return 1 if cores <= 2 else cores - 1
+    if kind == "pixels":
+        return 1 if cores <= 2 else cores - 1
+    if kind == "bytes":
+        return max(1, min(4, cores - 1))
+    if kind == "training":
+        return max(0, min(4, cores - 1))
+    raise ValueError(f"worker kind must be one of {WORKER_KINDS}, got {kind!r}")
 
 
 def pool_context(preload: Sequence[str] = ()) -> mp.context.BaseContext:

@@ -1,6 +1,6 @@
 """The CLI reference (docs/cli.md), generated from the Typer app so it cannot drift.
 
-python -m histoduo.clidoc > docs/cli.md
+python -m histoduo.cli.doc > docs/cli.md
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def render() -> str:
     lines = [
         "# histoduo command reference",
         "",
-        "Generated from the code by `python -m histoduo.clidoc > docs/cli.md`; a test fails when",
+        "Generated from the code by `python -m histoduo.cli.doc > docs/cli.md`; a test fails when",
         "this file is out of date. `histoduo COMMAND --help` shows the same.",
         "",
     ]

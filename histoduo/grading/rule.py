@@ -45,61 +45,10 @@ from typing import Any
 
 import numpy as np
 
-from histoduo.checkpoint import ClassRoles
+from histoduo.grading.params import GradeParams
+from histoduo.grading.roles import ClassRoles
 
 NO_TUMOUR = "no tumour"
-
-
-@dataclass(frozen=True)
-class UncertaintyParams:
-    """When a slide-level call is flagged uncertain (see the module docstring).
-
-    Defaults: 0.6 is well above chance for 2-6 classes (0.17-0.5) and below what a trained
-    model gives on clear tissue (0.8-0.95 on the demo); 5 % / 20 tiles of tumour is about
-    0.3 mm^2 at 0.5 um/px and 64 px tiles, the smallest area one would grade by eye from;
-    50 tiles is a small biopsy; 1.25x is the resolution step beyond which tile texture visibly
-    changes (0.5 vs 0.625 um/px).
-    """
-
-    min_confidence: float = 0.6  # 0-1
-    min_tumour_fraction: float = 0.05  # of the tissue area, for a grade call
-    min_tumour_tiles: int = 20  # for a grade call
-    min_tiles: int = 50  # tiles on the slide
-    max_mpp_ratio: float = 1.25  # tile mpp vs model mpp (either way); slide mpp over tile mpp
-
-    def __post_init__(self) -> None:
-        for name in ("min_confidence", "min_tumour_fraction"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in 0-1, got {value}")
-        for name in ("min_tumour_tiles", "min_tiles"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_mpp_ratio < 1.0:
-            raise ValueError(f"max_mpp_ratio must be >= 1, got {self.max_mpp_ratio}")
-
-
-@dataclass(frozen=True)
-class GradeParams:
-    """Thresholds of the slide-level grade rule (see the module docstring)."""
-
-    min_grade_fraction: float = 0.05  # of the tumour area, 0-1
-    min_grade_tiles: int = 3
-    min_tumour_fraction: float = 0.01  # of the tissue area, 0-1
-    min_tumour_tiles: int = 3
-    uncertainty: UncertaintyParams = field(default_factory=UncertaintyParams)
-
-    def __post_init__(self) -> None:
-        for name in ("min_grade_fraction", "min_tumour_fraction"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in 0-1, got {value}")
-        for name in ("min_grade_tiles", "min_tumour_tiles"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -209,74 +158,6 @@ def grade_slide(
     result.call = call
     result.confidence = float(probs[pred == index, index].mean())
     return result
-
-
-@dataclass(frozen=True)
-class Resolution:
-    """The resolutions behind one slide's tiles, um/px."""
-
-    slide_mpp: float  # level 0 of the slide
-    tile_mpp: float  # what the tiles were cut at
-    model_mpp: float  # what the model was trained at (the checkpoint)
-
-
-def assess_uncertainty(
-    grade: SlideGrade, params: UncertaintyParams, resolution: Resolution | None = None
-) -> SlideGrade:
-    """Set ``grade.uncertain`` and ``grade.uncertainty`` (every reason that applies)."""
-    reasons: list[dict[str, str]] = []
-    chance = 1.0 / grade.n_classes if grade.n_classes else 0.0
-    # Tile minima mean areas: with overlapping tiles every point is counted several times.
-    min_tumour_tiles = math.ceil(params.min_tumour_tiles * grade.tiles_per_area)
-    min_tiles = math.ceil(params.min_tiles * grade.tiles_per_area)
-    if grade.n_tiles and grade.confidence < params.min_confidence:
-        near = " (near chance)" if grade.confidence < chance + 0.1 else ""
-        reasons.append(
-            {
-                "code": "low_confidence",
-                "text": f"confidence {grade.confidence:.2f} is below {params.min_confidence:.2f}"
-                f"{near}; chance for {grade.n_classes} classes is {chance:.2f}",
-            }
-        )
-    if grade.call != NO_TUMOUR and (
-        grade.tumour_fraction < params.min_tumour_fraction or grade.tumour_tiles < min_tumour_tiles
-    ):
-        reasons.append(
-            {
-                "code": "little_tumour",
-                "text": f"graded on little tumour: {grade.tumour_fraction:.1%} of the tissue in "
-                f"{grade.tumour_tiles} tiles (trusted from {params.min_tumour_fraction:.0%} "
-                f"and {min_tumour_tiles} tiles)",
-            }
-        )
-    if grade.n_tiles < min_tiles:
-        reasons.append(
-            {
-                "code": "few_tiles",
-                "text": f"only {grade.n_tiles} tiles on the slide (trusted from {min_tiles})",
-            }
-        )
-    if resolution is not None:
-        ratio = resolution.tile_mpp / resolution.model_mpp
-        if max(ratio, 1.0 / ratio) > params.max_mpp_ratio:
-            reasons.append(
-                {
-                    "code": "resolution",
-                    "text": f"tiles at {resolution.tile_mpp:.3g} um/px but the model was "
-                    f"trained at {resolution.model_mpp:.3g} um/px",
-                }
-            )
-        if resolution.slide_mpp / resolution.tile_mpp > params.max_mpp_ratio:
-            reasons.append(
-                {
-                    "code": "resolution",
-                    "text": f"slide scanned at {resolution.slide_mpp:.3g} um/px, coarser than "
-                    f"the {resolution.tile_mpp:.3g} um/px tiles: tiles were upsampled",
-                }
-            )
-    grade.uncertainty = reasons
-    grade.uncertain = bool(reasons)
-    return grade
 
 
 def explain_grade(grade: SlideGrade, params: GradeParams, display: dict[str, str]) -> list[str]:

@@ -10,24 +10,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from histoduo.runtime.codec import encode_jpeg
 from histoduo.slide import Slide, open_slide, resize_rgb
 
 # What a tile worker imports; the fork server loads these once, so each worker starts
 # without paying for them (tiffslide's imports cost about a second).
-WORKER_PRELOAD = ("histoduo.tileio", "tiffslide", "openslide", "imagecodecs", "PIL.Image")
-
-
-def encode_jpeg(tile: np.ndarray, quality: int) -> np.ndarray:
-    """JPEG bytes of an RGB tile, as the uint8 array HDF5 stores."""
-    import imagecodecs
-
-    return np.frombuffer(imagecodecs.jpeg8_encode(tile, level=quality), dtype=np.uint8)
-
-
-def decode_jpeg(data: np.ndarray | bytes) -> np.ndarray:
-    import imagecodecs
-
-    return imagecodecs.jpeg8_decode(bytes(data) if isinstance(data, np.ndarray) else data)
+WORKER_PRELOAD = ("histoduo.tiling.read", "tiffslide", "openslide", "imagecodecs", "PIL.Image")
 
 
 def read_tile(slide: Slide, xy0: Sequence[int], size_level0: int, tile_size_px: int) -> np.ndarray:
