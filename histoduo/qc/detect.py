@@ -20,7 +20,7 @@ from histoduo.qc.params import (
     FLAG_PEN,
     QCParams,
 )
-from histoduo.tissue import (
+from histoduo.tissue.detect import (
     TissueMask,
     channel_max_min,
     pen_ink_mask,

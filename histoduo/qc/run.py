@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from histoduo.slide.geojson import write_feature_collection
 from histoduo.qc.detect import detect_artefacts, slide_burdens, tile_blur_score, tile_qc
 from histoduo.qc.outputs import (
     blur_mask_from_tiles,
@@ -32,6 +31,7 @@ from histoduo.runtime.errors import HistoduoError
 from histoduo.runtime.files import atomic_write_bytes
 from histoduo.runtime.slides import run_slides
 from histoduo.slide import Slide, SlideError, open_slide
+from histoduo.slide.geojson import write_feature_collection
 from histoduo.slide.sources import SlideSource
 from histoduo.tissue import TissueMask, TissueParams, detect_tissue, require_tissue
 

@@ -75,7 +75,7 @@ def truth_feature_collection(spec: SyntheticSlideSpec) -> dict:
 
 def artefact_feature_collection(spec: SyntheticSlideSpec) -> dict:
     """QuPath FeatureCollection (level-0 px) of the drawn artefacts: Pen, Blur, Fold."""
-    from histoduo.geojson import polygon_feature
+    from histoduo.slide.geojson import polygon_feature
     from histoduo.synthetic.artefacts import ARTEFACT_CLASSES, artefact_masks
 
     lay = _layout(spec)
