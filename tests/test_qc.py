@@ -198,3 +198,48 @@ def test_qc_off_reads_as_not_checked_and_training_keeps_every_tile(
         # The store says exclude: its flagged tiles leave training; "flag" keeps them.
         assert np.array_equal(qc_excluded_rows(store, index, None), flagged)
         assert not qc_excluded_rows(store, index, "flag").any()
+
+
+def test_qc_command_writes_masks_overlay_geojson_and_burdens(
+    artefact_slide, tmp_path: Path
+) -> None:
+    import csv
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from histoduo.cli import app
+
+    out = tmp_path / "qc"
+    result = CliRunner().invoke(
+        app, ["qc", str(artefact_slide.path), "--out", str(out), "--tile-size", "128"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((out / "qc_burdens.csv").open()))
+    assert [r["status"] for r in rows] == ["done"]
+    assert float(rows[0]["qc_pen"]) > 0.03 and float(rows[0]["qc_blur"]) > 0.03
+    labels = np.asarray(Image.open(out / "art_qc_mask.png"))
+    truth = artefact_slide.artefact_masks(8.0)  # the 4 um/px thumbnail of a 0.5 um/px slide
+    found_pen = (labels & FLAG_PEN) > 0
+    h, w = (
+        min(found_pen.shape[0], truth["pen"].shape[0]),
+        min(found_pen.shape[1], truth["pen"].shape[1]),
+    )
+    inter = (found_pen[:h, :w] & truth["pen"][:h, :w]).sum()
+    assert inter / truth["pen"].sum() > 0.9  # the stroke is found, not just something
+    names = {
+        f["properties"]["classification"]["name"]
+        for f in json.loads((out / "art_qc.geojson").read_text())["features"]
+    }
+    assert {"Pen", "Blur"} <= names
+    assert Image.open(out / "art_qc_overlay.png").size[0] >= 800  # a figure, with legend
+
+
+def test_qc_command_fails_clearly_on_a_missing_slide(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from histoduo.cli import app
+
+    result = CliRunner().invoke(app, ["qc", str(tmp_path / "none.svs"), "--out", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "none.svs" in result.output and "Traceback" not in result.output

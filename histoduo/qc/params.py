@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-QC_MODES = ("flag", "exclude", "off")
+QC_MODES = ("exclude", "flag", "off")
+# exclude: flagged tiles stay in the store and tables but leave training, the grade and MIL
+# (docs/qc.md says why this is the default).
+DEFAULT_QC_MODE = "exclude"
 ARTEFACTS = ("pen", "blur", "fold")
 # Bits of the per-tile ``qc_flags`` byte. CHECKED is set on every tile QC looked at, so a
 # zero byte can never be mistaken for "clean" (stores written before QC have no flags at all).
