@@ -243,3 +243,48 @@ def test_qc_command_fails_clearly_on_a_missing_slide(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["qc", str(tmp_path / "none.svs"), "--out", str(tmp_path)])
     assert result.exit_code != 0
     assert "none.svs" in result.output and "Traceback" not in result.output
+
+
+# --- predict ----------------------------------------------------------------------------
+def test_predict_excludes_flagged_tiles_reports_them_and_flags_the_call(
+    artefact_slide, tmp_path: Path
+) -> None:
+    import csv
+
+    from test_predict import make_checkpoint
+
+    from histoduo.predict import PredictParams, predict_run
+    from histoduo.slide.sources import SlideSource
+
+    checkpoint = make_checkpoint(tmp_path / "tiny.pt", target_mpp=1.0)
+    sources = [SlideSource(artefact_slide.path)]
+    out = tmp_path / "on"
+    predict_run(checkpoint, out, PredictParams(workers=0, heatmap=False), sources=sources)
+    rows = list(csv.DictReader((out / "art" / "tiles.csv").open()))
+    excluded = np.array([r["qc_excluded"] == "1" for r in rows])
+    pen = np.array([float(r["qc_pen"]) for r in rows])
+    blur = np.array([float(r["qc_blur"]) for r in rows])
+    assert excluded.any() and (excluded == ((pen >= 0.2) | (blur >= 0.5) | excluded)).all()
+    assert excluded[pen >= 0.5].all()  # every tile mostly under ink is left out
+    summary = json.loads((out / "art" / "summary.json").read_text())
+    assert summary["grade"]["n_tiles"] == len(rows) - excluded.sum()
+    assert summary["qc"]["excluded_tiles"] == excluded.sum()
+    assert (out / "art" / "qc_overlay.png").exists()
+    slide_row = next(csv.DictReader((out / "slides.csv").open()))
+    assert float(slide_row["qc_pen"]) > 0.03
+    # The uncertainty flag follows the documented rule: flagged share of the tumour > 10 %.
+    grades = {"low_grade", "high_grade"}
+    weight = np.array([float(r["tissue_fraction"]) for r in rows])
+    tumour = np.array([r["pred"] in grades for r in rows])
+    share = weight[tumour & excluded].sum() / max(weight[tumour].sum(), 1e-9)
+    assert ("artefacts" in slide_row["uncertainty_codes"]) == (share > 0.10)
+    assert "flagged tiles were left out of the grade" in (out / "report.html").read_text()
+
+    off = tmp_path / "off"
+    params = PredictParams(workers=0, heatmap=False, qc_mode="off")
+    predict_run(checkpoint, off, params, sources=sources)
+    rows_off = list(csv.DictReader((off / "art" / "tiles.csv").open()))
+    assert {r["qc_excluded"] for r in rows_off} == {""}  # not checked
+    assert not (off / "art" / "qc_overlay.png").exists()
+    summary_off = json.loads((off / "art" / "summary.json").read_text())
+    assert summary_off["grade"]["n_tiles"] == len(rows_off) and summary_off["qc"] == {}

@@ -38,11 +38,13 @@ THUMBNAIL_PNG = "thumbnail.png"
 CLASS_OVERLAY_PNG = "class_overlay.png"
 CLASS_MAP_PNG = "class_map.png"
 GRADE_MAP_PNG = "grade_map.png"
+QC_OVERLAY_PNG = "qc_overlay.png"
 MAP_FILES = (
     (THUMBNAIL_PNG, "Thumbnail"),
     (CLASS_MAP_PNG, "Class map"),
     (CLASS_OVERLAY_PNG, "Classes over the tissue"),
     (GRADE_MAP_PNG, "Tumour grade map"),
+    (QC_OVERLAY_PNG, "Artefacts found by QC (pen, blur, folds)"),
 )
 LINK_FILES = (TILES_CSV, TILES_GEOJSON, TISSUE_GEOJSON, SUMMARY_FILE)
 
@@ -85,6 +87,8 @@ class SlideSummary:
     grade_params: dict[str, Any] = field(default_factory=dict)
     seconds_predict: float | None = None
     grade: dict[str, Any] = field(default_factory=dict)  # grading.SlideGrade.to_dict()
+    # Artefact QC: mode, burdens (share of tissue), excluded_tiles; empty = not checked.
+    qc: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
