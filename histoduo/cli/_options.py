@@ -89,6 +89,15 @@ QCMode = Annotated[
         "only; off = not checked.",
     ),
 ]
+TrainQC = Annotated[
+    str | None,
+    typer.Option(
+        "--qc",
+        help="Tiles QC flagged as artefacts: exclude (leave them out of training) or flag "
+        "(train on them); default: as each slide was tiled (tile --qc).",
+        show_default=False,
+    ),
+]
 TrustCheckpoint = Annotated[
     bool,
     typer.Option(

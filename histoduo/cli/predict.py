@@ -12,12 +12,14 @@ from histoduo.cli._options import (
     Backend,
     MinTissue,
     Overwrite,
+    QCMode,
     Quiet,
     Shard,
     SkipErrors,
     SlideMpp,
     TrustCheckpoint,
 )
+from histoduo.qc.params import DEFAULT_QC_MODE
 
 
 @app.command("predict")
@@ -134,6 +136,7 @@ def predict_command(
     shard: Shard = None,
     trust_checkpoint: TrustCheckpoint = False,
     quiet: Quiet = False,
+    qc: QCMode = DEFAULT_QC_MODE,
 ) -> None:
     """Predict tile classes and a slide-level ccRCC grade for every slide.
 
@@ -174,6 +177,7 @@ def predict_command(
             tta=tta,
             heatmap=heatmap,
             backend=backend,
+            qc_mode=qc,
             grade=GradeParams(
                 min_grade_fraction=min_grade_fraction,
                 min_grade_tiles=min_grade_tiles,

@@ -33,7 +33,7 @@ from histoduo.cli._model_options import (
     Stages,
     model_config_from_options,
 )
-from histoduo.cli._options import Quiet, TrustCheckpoint
+from histoduo.cli._options import Quiet, TrainQC, TrustCheckpoint
 
 Store = Annotated[Path, typer.Argument(help="Tile store with labelled tiles.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
@@ -149,6 +149,7 @@ def train_command(
     split_by: Annotated[str, typer.Option("--split-by", help="slide or patient.")] = "slide",
     splits: Splits = None,
     slide_labels: SlideLabels = None,
+    qc: TrainQC = None,
     grades: Annotated[
         str | None,
         typer.Option(
@@ -227,6 +228,7 @@ def train_command(
         test_fraction=test_fraction, split_by=split_by,
         splits_csv=str(splits) if splits else None,
         slide_labels_csv=str(slide_labels) if slide_labels else None, grades=_names(grades),
+        qc=qc,
         class_display_names=shown_names,
         early_stopping_patience=patience, grad_accumulation=grad_accumulation, bf16=bf16,
         compile=compile_model, num_workers=workers, device=device, seed=seed,

@@ -189,7 +189,7 @@ def _data(
         raise LabelError(f"{store_path}: the tile store holds no complete slides")
     _check_store_geometry(store)
     require_pixels(store)  # a --dry-run store would fail at the first batch
-    table = tile_table(store, config.slide_labels_csv, config.split_by)
+    table = tile_table(store, config.slide_labels_csv, config.split_by, qc=config.qc)
     unnamed = sorted(set(config.class_display_names) - set(table.class_names))
     if unnamed:
         raise LabelError(f"display names for unknown classes {unnamed}: {table.class_names}")
