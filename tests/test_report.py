@@ -152,7 +152,7 @@ def test_heatmap_redraws_the_report(run: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     report = out / "report.html"
     refs = _refs(report)
-    assert len(refs.images) == 2 * (4 + len(CLASSES))
+    assert len(refs.images) == 2 * (5 + len(CLASSES))  # the QC overlay is redrawn too
     for src in refs.images:
         assert (out / src).is_file() and (out / src).resolve().is_relative_to(out.resolve())
     # tables link back to the run that made them

@@ -226,6 +226,21 @@ class TileStore:
             return None
         return {name: group[name][()] for name in QC_DATASETS if name in group}
 
+    def qc_excluded(self, slide: str, qc: str | None = None) -> np.ndarray:
+        """bool (N,): the slide's tiles that QC policy leaves out of training, the grade and
+        MIL. ``qc`` "exclude" leaves the flagged tiles out, "flag"/"off" none; None follows
+        the mode the slide was tiled with. A slide QC never checked leaves nothing out."""
+        from histoduo.qc.params import FLAG_BLUR, FLAG_FOLD, FLAG_PEN
+
+        n = self.num_tiles(slide)
+        checked = self.qc(slide) if qc not in ("flag", "off") else None
+        if checked is None:
+            return np.zeros(n, dtype=bool)
+        mode = qc or (self.qc_info(slide) or {}).get("mode", "flag")
+        if mode != "exclude":
+            return np.zeros(n, dtype=bool)
+        return (checked["qc_flags"] & (FLAG_PEN | FLAG_BLUR | FLAG_FOLD)) > 0
+
     def qc_info(self, slide: str) -> dict[str, Any] | None:
         """The slide's QC summary (mode, params, burdens), or None when not checked."""
         value = self._group(slide).attrs.get("qc")

@@ -122,21 +122,14 @@ def tile_table(
 
 def qc_excluded_rows(store: TileStore, index: pd.DataFrame, qc: str | None) -> np.ndarray:
     """Rows of ``store.index()`` that QC policy leaves out (see :func:`tile_table`)."""
-    from histoduo.qc import FLAG_BLUR, FLAG_FOLD, FLAG_PEN
-
     out = np.zeros(len(index), dtype=bool)
-    if qc in ("flag", "off"):
-        return out
+    slides = index["slide"].to_numpy()
+    tiles = index["tile"].to_numpy()
     for slide in store.slides:
-        checked = store.qc(slide)
-        if checked is None:
-            continue  # not checked: nothing to leave out
-        mode = qc or (store.qc_info(slide) or {}).get("mode", "flag")
-        if mode != "exclude":
-            continue
-        flagged = (checked["qc_flags"] & (FLAG_PEN | FLAG_BLUR | FLAG_FOLD)) > 0
-        rows = np.flatnonzero(index["slide"].to_numpy() == slide)
-        out[rows] = flagged[index["tile"].to_numpy()[rows]]
+        excluded = store.qc_excluded(slide, qc)
+        if excluded.any():
+            rows = np.flatnonzero(slides == slide)
+            out[rows] = excluded[tiles[rows]]
     return out
 
 
