@@ -288,3 +288,15 @@ def test_predict_excludes_flagged_tiles_reports_them_and_flags_the_call(
     assert not (off / "art" / "qc_overlay.png").exists()
     summary_off = json.loads((off / "art" / "summary.json").read_text())
     assert summary_off["grade"]["n_tiles"] == len(rows_off) and summary_off["qc"] == {}
+
+
+def test_unknown_qc_mode_is_refused_before_any_work(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from histoduo.cli import app
+
+    out = tmp_path / "t.h5"
+    result = CliRunner().invoke(app, ["tile", str(CMU), "--out", str(out), "--qc", "maybe"])
+    assert result.exit_code != 0
+    assert "exclude, flag, off" in result.output and "Traceback" not in result.output
+    assert not out.exists()
