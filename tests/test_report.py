@@ -134,7 +134,8 @@ def _refs(html_path: Path) -> _Refs:
 def test_report_is_self_contained(run: Path) -> None:
     refs = _refs(run / "report.html")
     assert refs.external == []  # no CDN, nothing from the network
-    assert len(refs.images) == 2 * (4 + len(CLASSES))  # 4 maps + 1 per class, per slide
+    # 4 maps, the QC overlay and 1 per class, per slide
+    assert len(refs.images) == 2 * (5 + len(CLASSES))
     for src in refs.images + [h for h in refs.links if not h.startswith("#")]:
         assert src.startswith("data:") or (run / src).is_file(), src
     hrefs = set(refs.links)
@@ -151,7 +152,7 @@ def test_heatmap_redraws_the_report(run: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     report = out / "report.html"
     refs = _refs(report)
-    assert len(refs.images) == 2 * (4 + len(CLASSES))
+    assert len(refs.images) == 2 * (5 + len(CLASSES))  # the QC overlay is redrawn too
     for src in refs.images:
         assert (out / src).is_file() and (out / src).resolve().is_relative_to(out.resolve())
     # tables link back to the run that made them

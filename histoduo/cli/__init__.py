@@ -14,6 +14,7 @@ from histoduo.cli import (
     mil,  # noqa: F401
     models,  # noqa: F401
     predict,  # noqa: F401
+    qc,  # noqa: F401
     slides,  # noqa: F401
     tissue,  # noqa: F401
     train,  # noqa: F401

@@ -80,6 +80,24 @@ OutFile = Annotated[Path, typer.Option("--out", "-o", help="Output file.")]
 MinTissue = Annotated[
     float, typer.Option("--min-tissue", help="Minimum tissue fraction of a tile (0-1).")
 ]
+QCMode = Annotated[
+    str,
+    typer.Option(
+        "--qc",
+        help="Artefact QC (pen ink, blur, folds; docs/qc.md): exclude = flagged tiles are "
+        "kept and reported but left out of training, the grade and MIL; flag = reported "
+        "only; off = not checked.",
+    ),
+]
+TrainQC = Annotated[
+    str | None,
+    typer.Option(
+        "--qc",
+        help="Tiles QC flagged as artefacts: exclude (leave them out of training) or flag "
+        "(train on them); default: as each slide was tiled (tile --qc).",
+        show_default=False,
+    ),
+]
 TrustCheckpoint = Annotated[
     bool,
     typer.Option(

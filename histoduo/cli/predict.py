@@ -12,12 +12,14 @@ from histoduo.cli._options import (
     Backend,
     MinTissue,
     Overwrite,
+    QCMode,
     Quiet,
     Shard,
     SkipErrors,
     SlideMpp,
     TrustCheckpoint,
 )
+from histoduo.qc.params import DEFAULT_QC_MODE
 
 SlideModelOption = Annotated[
     Path | None,
@@ -164,6 +166,7 @@ def predict_command(
     slide_model: SlideModelOption = None,
     slide_features: SlideFeatures = None,
     quiet: Quiet = False,
+    qc: QCMode = DEFAULT_QC_MODE,
 ) -> None:
     """Predict tile classes and a slide-level ccRCC grade for every slide.
 
@@ -207,6 +210,7 @@ def predict_command(
             encoder_weights=str(encoder_weights) if encoder_weights else None,
             slide_model=str(slide_model) if slide_model is not None else None,
             slide_features=str(slide_features) if slide_features is not None else None,
+            qc_mode=qc,
             grade=GradeParams(
                 min_grade_fraction=min_grade_fraction,
                 min_grade_tiles=min_grade_tiles,

@@ -14,6 +14,7 @@ from histoduo.cli._options import (
     JsonOutput,
     MinTissue,
     Overwrite,
+    QCMode,
     Quiet,
     Shard,
     SkipErrors,
@@ -23,6 +24,7 @@ from histoduo.cli._options import (
     TargetMpp,
     Workers,
 )
+from histoduo.qc.params import DEFAULT_QC_MODE, check_mode
 
 
 def _console(stderr: bool = False):  # noqa: ANN202 - rich is imported lazily
@@ -161,6 +163,7 @@ def tile_command(
     overwrite: Overwrite = False,
     skip_errors: SkipErrors = False,
     quiet: Quiet = False,
+    qc: QCMode = DEFAULT_QC_MODE,
 ) -> None:
     """Detect tissue and cut tiles into one HDF5 tile store (resumable)."""
     from histoduo.cli._options import mpp_from_options
@@ -185,6 +188,7 @@ def tile_command(
             dry_run=dry_run,
             label_min_coverage=label_coverage,
         )
+        check_mode(qc)
     except ValueError as exc:
         raise fail(str(exc)) from None
     sources = _sources(slides, slide_mpp, shard)
@@ -203,6 +207,7 @@ def tile_command(
             class_names=[c.strip() for c in classes.split(",") if c.strip()] if classes else None,
             progress=not quiet,
             log=console.print,
+            qc_mode=qc,
         )
     except StoreUpgradeNeeded as exc:
         raise fail(str(exc)) from None

@@ -37,7 +37,7 @@ from histoduo.cli._model_options import (
     model_config_from_options,
     resolve_architecture,
 )
-from histoduo.cli._options import Quiet, TrustCheckpoint
+from histoduo.cli._options import Quiet, TrainQC, TrustCheckpoint
 from histoduo.training.config import TrainConfig
 
 TRAIN_DEFAULTS = TrainConfig()  # the defaults --help shows are the library's
@@ -166,6 +166,7 @@ def train_command(
     ),
     splits: Splits = None,
     slide_labels: SlideLabels = None,
+    qc: TrainQC = None,
     grades: Annotated[
         str | None,
         typer.Option(
@@ -249,6 +250,7 @@ def train_command(
         test_fraction=test_fraction, split_by=split_by,
         splits_csv=str(splits) if splits else None,
         slide_labels_csv=str(slide_labels) if slide_labels else None, grades=_names(grades),
+        qc=qc,
         class_display_names=shown_names,
         early_stopping_patience=patience, grad_accumulation=grad_accumulation, bf16=bf16,
         compile=compile_model, num_workers=workers, device=device, seed=seed,

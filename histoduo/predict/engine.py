@@ -77,7 +77,9 @@ class SlideTiles(IterableDataset):
         tile_size_px: int,
         batch_size: int,
         transform: _TransformSpec,
+        qc: Any = None,
     ) -> None:
+        self.qc = qc  # QCParams: also measure each tile's blur (yielded third)
         self.slide_path = slide_path
         self.backend = backend
         self.mpp_override = mpp_override
@@ -106,6 +108,12 @@ class SlideTiles(IterableDataset):
                         for xy in self.coords[start:stop]
                     ]
                 )
+                if self.qc is not None:  # blur from the pixels already in hand
+                    from histoduo.qc import tile_blur_scores
+
+                    blur = torch.from_numpy(tile_blur_scores(tiles, self.qc))
+                    yield torch.arange(start, stop), self.transform.apply(tiles), blur
+                    continue
                 yield torch.arange(start, stop), self.transform.apply(tiles)
 
 
@@ -211,8 +219,11 @@ class TilePredictor:
             probs = sum(self.model(v).float().softmax(dim=1) for v in views) / len(views)
         return probs.cpu().numpy().astype(np.float32)
 
-    def run(self, tiles: SlideTiles | StoreTiles, workers: int) -> np.ndarray:
-        """Probabilities (N, K) for every tile of ``tiles``, in tile order."""
+    def run(
+        self, tiles: SlideTiles | StoreTiles, workers: int, blur_out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Probabilities (N, K) for every tile of ``tiles``, in tile order; with a QC
+        ``SlideTiles``, each tile's blur score lands in ``blur_out`` (N,)."""
         from torch.utils.data import DataLoader
 
         n_classes = len(self.meta.class_names)
@@ -230,8 +241,11 @@ class TilePredictor:
             multiprocessing_context=_worker_context() if workers > 0 else None,
             **loader_options(self.runtime.device, workers),
         )
-        for indices, x in loader:
+        for batch in loader:
+            indices, x = batch[0], batch[1]
             probs[indices.numpy()] = self(x)
+            if len(batch) > 2 and blur_out is not None:
+                blur_out[indices.numpy()] = batch[2].numpy()
         if np.isnan(probs).any():
             raise RuntimeError("some tiles got no prediction (a DataLoader worker failed?)")
         return probs

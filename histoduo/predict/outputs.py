@@ -74,12 +74,18 @@ def write_slide_outputs(
         level0_size=(scores.level0_width, scores.level0_height),
     )  # fmt: skip
     write_feature_collection(slide_dir / TISSUE_GEOJSON, tissue_features(mask))
-    from histoduo.results.maps import HeatmapStyle, render_slide_maps, render_thumbnail
+    from histoduo.results.maps import (
+        HeatmapStyle,
+        render_qc_overlay,
+        render_slide_maps,
+        render_thumbnail,
+    )
 
     if heatmap:
         render_slide_maps(scores, slide_dir, HeatmapStyle())
     else:
         render_thumbnail(scores, slide_dir, HeatmapStyle())  # the report shows it
+        render_qc_overlay(scores, slide_dir, HeatmapStyle())
     summary.grade = grade.to_dict()
     summary.write(slide_dir)
     atomic_write_text(slide_dir / DONE_MARKER, json.dumps({"finished": time.time()}))

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from histoduo.grading import GradeParams
+from histoduo.qc.params import DEFAULT_QC_MODE, QCParams, check_mode
 from histoduo.tissue import TissueParams
 
 if TYPE_CHECKING:
@@ -46,8 +47,11 @@ class PredictParams:
     # in ``slide_features`` (a features_<encoder> folder that `histoduo embed` wrote).
     slide_model: str | None = None
     slide_features: str | None = None
+    qc_mode: str = DEFAULT_QC_MODE  # exclude | flag | off (docs/qc.md)
+    qc: QCParams = field(default_factory=QCParams)
 
     def __post_init__(self) -> None:
+        check_mode(self.qc_mode)
         from histoduo.runtime.device import check_decode, check_device_name, check_precision
 
         check_device_name(self.device)

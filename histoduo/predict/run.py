@@ -29,6 +29,7 @@ from histoduo.predict.params import PredictParams, tiling_for
 from histoduo.predict.scoring import (
     grade_scores,
     plan_slide,
+    qc_summary,
     scores_from_slide,
     scores_from_store,
     tissue_area_mm2,
@@ -87,15 +88,23 @@ class _PredictRun:
     def process(self, job: _Job) -> None:
         t0 = time.perf_counter()
         if self.store is not None:
-            scores = scores_from_store(self.store, job.name, self.predictor, self.workers)
+            scores = scores_from_store(
+                self.store, job.name, self.predictor, self.workers, self.params
+            )
+            artefacts = None
         else:
             assert job.source is not None
             plan = self.plans.get(job.name) if self.plans is not None else None
+            if plan is None:
+                plan = plan_slide(job.source, self.params, self.tiling)
             scores = scores_from_slide(
                 job.source, self.predictor, self.params, self.tiling, self.workers, plan
             )
+            artefacts = plan.artefacts
         t_model = time.perf_counter() - t0
-        grade = grade_scores(scores, self.meta, self.params.grade)
+        qc_on = self.params.qc_mode != "off"
+        max_burden = self.params.qc.max_burden if qc_on else None
+        grade = grade_scores(scores, self.meta, self.params.grade, max_burden)
         summary = SlideSummary(
             slide=job.name,
             path=job.path,
@@ -111,6 +120,7 @@ class _PredictRun:
             checkpoint=str(self.checkpoint),
             grade_params=self.params.grade.to_dict(),
             seconds_predict=t_model,
+            qc=qc_summary(scores, artefacts, self.params.qc_mode),
         )
         if self.slide_model is not None:
             summary.mil = self._call_slide_model(job, scores, grade.call)

@@ -41,12 +41,14 @@ CLASS_MAP_PNG = "class_map.png"
 GRADE_MAP_PNG = "grade_map.png"
 ATTENTION_MAP_PNG = "attention_map.png"  # with --slide-model: where the slide model looked
 MIL_FILE = "mil.json"  # with --slide-model: its call, confidence and class probabilities
+QC_OVERLAY_PNG = "qc_overlay.png"
 MAP_FILES = (
     (THUMBNAIL_PNG, "Thumbnail"),
     (CLASS_MAP_PNG, "Class map"),
     (CLASS_OVERLAY_PNG, "Classes over the tissue"),
     (GRADE_MAP_PNG, "Tumour grade map"),
     (ATTENTION_MAP_PNG, "Slide model attention (evidence for review, not an explanation)"),
+    (QC_OVERLAY_PNG, "Artefacts found by QC (pen, blur, folds)"),
 )
 LINK_FILES = (TILES_CSV, TILES_GEOJSON, TISSUE_GEOJSON, SUMMARY_FILE)
 
@@ -91,6 +93,8 @@ class SlideSummary:
     grade: dict[str, Any] = field(default_factory=dict)  # grading.SlideGrade.to_dict()
     # With --slide-model: mil_call, mil_confidence, mil_agrees, mil_probabilities, slide_model
     mil: dict[str, Any] = field(default_factory=dict)
+    # Artefact QC: mode, burdens (share of tissue), excluded_tiles; empty = not checked.
+    qc: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

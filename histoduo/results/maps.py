@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histoduo.results.layout import THUMBNAIL_PNG, safe_file_stem
+from histoduo.results.layout import QC_OVERLAY_PNG, THUMBNAIL_PNG, safe_file_stem
 from histoduo.results.scores import SlideScores
 from histoduo.runtime.files import atomic_write_bytes
 
@@ -201,6 +201,44 @@ def render_thumbnail(
     return {"thumbnail": path}
 
 
+def render_qc_overlay(
+    scores: SlideScores, out_dir: str | Path, style: HeatmapStyle | None = None
+) -> dict[str, Path]:
+    """qc_overlay.png: the artefacts QC found (pen, blur, fold, each its colour) over the
+    thumbnail, with a legend of their shares of the tissue and a scale bar; nothing when the
+    slide was not checked."""
+    if scores.qc_labels is None:
+        return {}
+    from histoduo.qc import FLAG_BLUR, FLAG_FOLD, FLAG_PEN
+    from histoduo.qc.outputs import QC_CLASS_NAMES, QC_COLORS, overlay_image
+    from histoduo.results.figures import map_figure_png
+
+    style = style or HeatmapStyle()
+    labels = scores.qc_labels
+    # The label grid is the tissue mask's; draw it on the mask-sized view of the thumbnail.
+    h, w = labels.shape
+    th, tw = scores.thumbnail.shape[:2]
+    rows = np.clip(((np.arange(th) + 0.5) * h / th).astype(np.int64), 0, h - 1)
+    cols = np.clip(((np.arange(tw) + 0.5) * w / tw).astype(np.int64), 0, w - 1)
+    on_thumb = labels[rows[:, None], cols[None, :]]
+    tissue = max(int(scores.tissue_mask.sum()), 1)
+    legend = []
+    for name, bit in (("pen", FLAG_PEN), ("blur", FLAG_BLUR), ("fold", FLAG_FOLD)):
+        share = float((((labels & bit) > 0) & scores.tissue_mask).sum()) / tissue
+        legend.append((f"{QC_CLASS_NAMES[name]} ({share:.1%} of tissue)", QC_COLORS[name]))
+    excluded = int(scores.qc_excluded.sum()) if scores.qc_excluded is not None else 0
+    title = f"{scores.slide}: artefacts found by QC ({excluded} tiles left out of the grade)"
+    path = Path(out_dir) / QC_OVERLAY_PNG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    um = scores.thumbnail_downsample * scores.slide_mpp
+    png = map_figure_png(
+        overlay_image(scores.thumbnail, on_thumb), um, title, legend=legend,
+        legend_title="artefact (share of tissue)", min_long_px=style.min_display_px,
+    )  # fmt: skip
+    atomic_write_bytes(path, png)
+    return {"qc_overlay": path}
+
+
 def render_slide_maps(
     scores: SlideScores, out_dir: str | Path, style: HeatmapStyle | None = None
 ) -> dict[str, Path]:
@@ -225,6 +263,7 @@ def render_slide_maps(
         atomic_write_bytes(paths[key], png)
 
     paths.update(render_thumbnail(scores, out, style))
+    paths.update(render_qc_overlay(scores, out, style))
     cmap_ = class_map(scores, style)
     colors = _colors(scores, style)
     selected = _selected(scores, style)

@@ -59,6 +59,7 @@ class SlideView:
     figures: list[Figure] = field(default_factory=list)
     prob_figures: list[Figure] = field(default_factory=list)
     links: list[tuple[str, str]] = field(default_factory=list)
+    qc: str = ""  # one line on artefact QC; empty when not checked
     error: str = ""
 
 
@@ -106,6 +107,7 @@ def _slide_view(record: SlideResult, maps_dir: Path, report_dir: Path) -> SlideV
         view.mil_call = display.get(summary.mil["mil_call"], summary.mil["mil_call"])
         view.mil_confidence = summary.mil.get("mil_confidence")
         view.mil_agrees = summary.mil.get("mil_agrees")
+    view.qc = _qc_line(summary.qc)
     images = maps_dir / record.folder.name
     for filename, caption in MAP_FILES:
         if (images / filename).exists():
@@ -118,6 +120,21 @@ def _slide_view(record: SlideResult, maps_dir: Path, report_dir: Path) -> SlideV
         if (record.folder / filename).exists():
             view.links.append((filename, _rel(record.folder / filename, report_dir)))
     return view
+
+
+def _qc_line(qc: dict[str, Any]) -> str:
+    """Artefact QC in words: burdens and what the grade left out."""
+    if not qc:
+        return ""
+    b = qc.get("burdens", {})
+    shares = ", ".join(f"{k} {b.get(k, 0.0):.1%}" for k in ("pen", "blur", "fold"))
+    mode = qc.get("mode", "")
+    left = (
+        f"{qc.get('excluded_tiles', 0)} flagged tiles were left out of the grade"
+        if mode == "exclude"
+        else f"{qc.get('flagged_tiles', 0)} tiles flagged, all graded (--qc flag)"
+    )
+    return f"Artefact QC: {shares} of the tissue; {left}."
 
 
 def _model_line(run_dir: Path) -> str:

@@ -40,6 +40,25 @@ class SlideScores:
     class_display_names: list[str] | None = None
     # Tumour grade classes low -> high (checkpoint roles); None: grade map paints every class.
     grade_classes: list[str] | None = None
+    # Artefact QC (histoduo.qc), None when not checked: per tile the pen/fold share and blur
+    # score (0-1), the FLAG_* byte and whether the grade left the tile out; the artefacts'
+    # FLAG_* bits per pixel of the tissue-mask grid, for the QC overlay.
+    qc_pen: np.ndarray | None = None
+    qc_blur: np.ndarray | None = None
+    qc_fold: np.ndarray | None = None
+    qc_flags: np.ndarray | None = None
+    qc_excluded: np.ndarray | None = None
+    qc_labels: np.ndarray | None = None
+
+    @property
+    def qc_checked(self) -> bool:
+        return self.qc_flags is not None
+
+    def kept(self) -> np.ndarray:
+        """Tiles the grade uses (all of them unless QC excluded some)."""
+        if self.qc_excluded is None:
+            return np.ones(len(self.probs), dtype=bool)
+        return ~np.asarray(self.qc_excluded, dtype=bool)
 
     @property
     def pred(self) -> np.ndarray:
@@ -79,4 +98,6 @@ class SlideScores:
             if key in values:  # the last two are absent in older scores files
                 values[key] = [str(c) for c in values[key]]
         values["tissue_mask"] = values["tissue_mask"].astype(bool)
+        if "qc_excluded" in values:
+            values["qc_excluded"] = values["qc_excluded"].astype(bool)
         return cls(**values)

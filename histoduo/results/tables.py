@@ -35,6 +35,7 @@ def tiles_columns(class_names: list[str]) -> list[str]:
         + ["tile_size_px", "tile_mpp", "tile_width_um"]
         + [f"prob_{c}" for c in class_names]
         + ["pred", "pred_display_name", "tissue_fraction"]
+        + ["qc_pen", "qc_blur", "qc_fold", "qc_excluded"]
     )
 
 
@@ -49,12 +50,18 @@ def tiles_table_text(scores: SlideScores) -> str:
     mpp = f"{scores.target_mpp:.6g}"
     shown = scores.display_names
     pred = scores.pred
+    checked = scores.qc_checked
     for i, (x, y) in enumerate(scores.coords):
         k = int(pred[i])
+        qc = ["", "", "", ""]  # not checked
+        if checked:
+            qc = [f"{scores.qc_pen[i]:.4f}", f"{scores.qc_blur[i]:.4f}", f"{scores.qc_fold[i]:.4f}"]
+            qc.append(str(int(scores.qc_excluded[i])) if scores.qc_excluded is not None else "0")
         writer.writerow(
             [scores.slide, int(x), int(y), size0, size0, scores.tile_size_px, mpp, width_um]
             + [f"{p:.5f}" for p in scores.probs[i]]
             + [scores.class_names[k], shown[k], f"{scores.tissue_fraction[i]:.4f}"]
+            + qc
         )
     return buffer.getvalue()
 
@@ -117,6 +124,17 @@ SLIDES_COLUMNS_TAIL = ["slide_mpp", "tile_mpp", "model_mpp", "error"]
 # A slide model's call beside the rule's (predict --slide-model); empty without one, so the
 # header is the same whatever the flags.
 MIL_COLUMNS = ["mil_call", "mil_confidence", "mil_agrees"]
+SLIDES_COLUMNS_TAIL = [
+    "qc_pen",
+    "qc_blur",
+    "qc_fold",
+    "qc_any",
+    "qc_excluded_tiles",
+    "slide_mpp",
+    "tile_mpp",
+    "model_mpp",
+    "error",
+]
 
 
 def slides_columns(class_names: list[str], grade_names: list[str]) -> list[str]:
@@ -161,6 +179,10 @@ def _slide_row(record: SlideResult) -> dict[str, Any]:
     for column in MIL_COLUMNS:
         if column in summary.mil:
             row[column] = summary.mil[column]
+    burdens = summary.qc.get("burdens", {})
+    for key in ("pen", "blur", "fold", "any"):
+        row[f"qc_{key}"] = burdens.get(key)
+    row["qc_excluded_tiles"] = summary.qc.get("excluded_tiles")
     for cls, value in grade.get("class_fractions", {}).items():
         row[f"fraction_{cls}"] = value
     for cls, value in grade.get("grade_fractions", {}).items():

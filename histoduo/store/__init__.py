@@ -8,6 +8,7 @@ Layout (the public interface, documented exactly in docs/tile-store.md)::
                                    one slide (CLAM's layout): attrs name, complete, params, ...
         coords                     int64 (N, 2) level-0 (x, y) top-left; CLAM attrs
         tissue_fraction            float32 (N,)
+        qc_pen, qc_blur, qc_fold   float32 (N,) artefact shares, qc_flags uint8 (optional)
         jpeg | imgs                one JPEG per tile (vlen uint8) | uint8 (N, H, W, 3)
         labels                     int16 (N,), -1 = unlabelled (optional)
         thumbnail, tissue_mask     overview and mask, attr downsample
@@ -47,6 +48,7 @@ from histoduo.store.read import (
 from histoduo.store.record import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    QC_DATASETS,
     SLIDE_FILE_FORMAT,
     SLIDES_GROUP,
     UNLABELLED,
@@ -75,6 +77,7 @@ from histoduo.store.write import (
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "QC_DATASETS",
     "SLIDES_GROUP",
     "SLIDE_FILE_FORMAT",
     "UNLABELLED",

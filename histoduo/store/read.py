@@ -17,6 +17,7 @@ from histoduo.store.layout import IndexEntry, read_index, read_slide_record, sto
 from histoduo.store.record import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    QC_DATASETS,
     SLIDE_FILE_FORMAT,
     SLIDES_GROUP,
     UNLABELLED,
@@ -216,6 +217,36 @@ class TileStore:
 
     def tissue_fraction(self, slide: str) -> np.ndarray:
         return self._group(slide)["tissue_fraction"][()]
+
+    def qc(self, slide: str) -> dict[str, np.ndarray] | None:
+        """The slide's per-tile artefact QC (``qc_pen``, ``qc_blur``, ``qc_fold`` float32 and
+        ``qc_flags`` uint8), or None when QC did not check it (older stores, ``--qc off``)."""
+        group = self._group(slide)
+        if "qc_flags" not in group:
+            return None
+        return {name: group[name][()] for name in QC_DATASETS if name in group}
+
+    def qc_excluded(self, slide: str, qc: str | None = None) -> np.ndarray:
+        """bool (N,): the slide's tiles that QC policy leaves out of training, the grade and
+        MIL. ``qc`` "exclude" leaves the flagged tiles out, "flag"/"off" none; None follows
+        the mode the slide was tiled with. A slide QC never checked leaves nothing out."""
+        from histoduo.qc.params import FLAG_BLUR, FLAG_FOLD, FLAG_PEN
+
+        n = self.num_tiles(slide)
+        checked = self.qc(slide) if qc not in ("flag", "off") else None
+        if checked is None:
+            return np.zeros(n, dtype=bool)
+        mode = qc or (self.qc_info(slide) or {}).get("mode", "flag")
+        if mode != "exclude":
+            return np.zeros(n, dtype=bool)
+        return (checked["qc_flags"] & (FLAG_PEN | FLAG_BLUR | FLAG_FOLD)) > 0
+
+    def qc_info(self, slide: str) -> dict[str, Any] | None:
+        """The slide's QC summary (mode, params, burdens), or None when not checked."""
+        value = self._group(slide).attrs.get("qc")
+        if value is None:
+            return None
+        return json.loads(value.decode() if isinstance(value, bytes) else value)
 
     def labels(self, slide: str) -> np.ndarray | None:
         group = self._group(slide)

@@ -20,6 +20,8 @@ FORMAT_VERSION = 2
 SLIDE_FILE_FORMAT = "histoduo-slide"  # the root of a per-slide file
 SLIDES_GROUP = "slides"
 UNLABELLED = -1
+# Per-tile artefact QC beside tissue_fraction (histoduo.qc); absent = not checked.
+QC_DATASETS = ("qc_pen", "qc_blur", "qc_fold", "qc_flags")
 
 
 class StoreError(HistoduoError):

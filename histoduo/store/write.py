@@ -137,6 +137,17 @@ class SlidePartWriter:
                 chunks=(1, tile_size_px, tile_size_px, 3) if self._n else None,
             )
 
+    def set_qc(self, datasets: dict[str, np.ndarray], info: str) -> None:
+        """Artefact QC of every tile (``qc_*`` datasets, written with the file) and its
+        JSON summary (params, mode, burdens) as the ``qc`` attribute."""
+        for name, values in datasets.items():
+            if not name.startswith("qc_") or len(values) != self._n:
+                raise ValueError(f"{name}: QC datasets are qc_* arrays of one value per tile")
+            if name in self._file:
+                del self._file[name]
+            self._file.create_dataset(name, data=np.asarray(values))
+        self._file.attrs["qc"] = info
+
     def append(self, tiles: Sequence[np.ndarray] | np.ndarray) -> None:
         """Append encoded (JPEG byte arrays) or raw tiles, in coords order."""
         n = len(tiles)

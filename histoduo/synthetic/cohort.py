@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from histoduo.runtime.files import atomic_write, atomic_write_text
-from histoduo.synthetic.layout import SyntheticSlide
 from histoduo.synthetic.spec import SyntheticSlideSpec
+from histoduo.synthetic.truth import SyntheticSlide
 
 COHORT_LABELS = ("low_grade", "high_grade")
 COHORT_CLASSES = ("normal", "low_grade", "high_grade")

@@ -128,7 +128,54 @@ def render_region(
 
     Output pixel (i, j) samples level-0 point (x + (j + .5) * ds, y + (i + .5) * ds); every
     texture is a function of absolute level-0 coordinates, so crops match bigger renders.
+    Artefacts in the spec (folds, blur bands, pen strokes) are drawn over the clean slide.
     """
+    if not spec.has_artefacts:
+        return _render_clean(spec, x, y, width, height, downsample)
+    return _render_with_artefacts(spec, x, y, width, height, downsample)
+
+
+def _render_with_artefacts(
+    spec: SyntheticSlideSpec, x: float, y: float, width: int, height: int, downsample: float
+) -> np.ndarray:
+    from scipy import ndimage
+
+    from histoduo.synthetic import artefacts as art
+
+    ds = float(downsample)
+    h, w = int(height), int(width)
+    if h <= 0 or w <= 0:
+        return np.zeros((max(h, 0), max(w, 0), 3), np.uint8)
+    xs = x + (np.arange(w) + 0.5) * ds
+    ys = y + (np.arange(h) + 0.5) * ds
+    band = art.blur_band_mask(spec, xs, ys)
+    # Blur needs context: render a margin around the region, fold it, blur, crop.
+    m = art.blur_margin_px(spec, ds) if band.any() else 0
+    mxs = x + (np.arange(-m, w + m) + 0.5) * ds
+    mys = y + (np.arange(-m, h + m) + 0.5) * ds
+    img = _render_clean(spec, x - m * ds, y - m * ds, w + 2 * m, h + 2 * m, ds)
+    img = img.astype(np.float32)
+    if spec.folds:
+        tissue = _lookup_labels(spec, mxs, mys) > 0
+        art.apply_folds(img, art.fold_coverage(spec, mxs, mys, ds), tissue)
+    if m:
+        sigma = spec.blur_sigma_um / spec.mpp / ds
+        blurred = ndimage.gaussian_filter(img, sigma=(sigma, sigma, 0), mode="nearest")
+        # The sensor sees the defocused image: its own grain stays sharp.
+        gi = np.mod(np.floor(ys).astype(np.int64) + 17, 64)
+        gj = np.mod(np.floor(xs).astype(np.int64) + 29, 64)
+        noise = 2.5 * _grain_tile(spec.seed)[gi[:, None], gj[None, :]]
+        blurred = blurred[m : m + h, m : m + w] + noise[..., None]
+        img = np.where(band[..., None], blurred, img[m : m + h, m : m + w])
+    if spec.pen_strokes:
+        art.apply_pen(img, art.pen_alpha(spec, xs, ys, ds))
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+
+def _render_clean(
+    spec: SyntheticSlideSpec, x: float, y: float, width: int, height: int, downsample: float = 1.0
+) -> np.ndarray:
+    """The slide without artefacts (see :func:`render_region`)."""
     ds = float(downsample)
     h, w = int(height), int(width)
     if h <= 0 or w <= 0:

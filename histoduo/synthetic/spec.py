@@ -12,6 +12,13 @@ _BLOCK_PX = 128  # level-0 block that owns a fixed set of candidate nuclei (dete
 _MAX_LAYOUT_CELLS = 2048  # long side of the layout grid; keeps label maps small for any slide
 _MIN_LEVEL_PX = 256  # pyramid levels smaller than this on the long side are dropped
 _BG_RGB = np.array([242.0, 240.0, 243.0], dtype=np.float32)
+# Marker inks as the fraction of each of R, G, B they let through.
+PEN_COLOURS: dict[str, tuple[float, float, float]] = {
+    "blue": (0.22, 0.38, 0.85),
+    "green": (0.2, 0.65, 0.35),
+    "black": (0.12, 0.12, 0.14),
+    "red": (0.9, 0.12, 0.15),
+}
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -38,6 +45,13 @@ class SyntheticSlideSpec:
     region_size_um: float = 400.0
     magnification: float | None = None
     write_mpp: bool = True
+    # Artefacts drawn over the slide (additive; ground truth in <stem>.artefacts.geojson):
+    # one marker stroke per colour listed (blue, green, black, red), out-of-focus vertical
+    # bands of blur_sigma_um defocus, and tissue folds (tissue lying twice over itself).
+    pen_strokes: tuple[str, ...] = ()
+    blur_bands: int = 0
+    folds: int = 0
+    blur_sigma_um: float = 3.0
 
     def __post_init__(self) -> None:
         if self.level0_width < 16 or self.level0_height < 16:
@@ -64,6 +78,17 @@ class SyntheticSlideSpec:
                 raise ValueError(f"focus {name!r}: area fraction must be in (0, 1)")
         if any(int(d) != d or d < 1 for d in self.level_downsamples):
             raise ValueError("level_downsamples must be positive integers")
+        unknown = [c for c in self.pen_strokes if c not in PEN_COLOURS]
+        if unknown:
+            raise ValueError(f"pen colours must be among {sorted(PEN_COLOURS)}, got {unknown}")
+        if self.blur_bands < 0 or self.folds < 0:
+            raise ValueError("blur_bands and folds must be >= 0")
+        if self.blur_sigma_um <= 0:
+            raise ValueError(f"blur_sigma_um must be > 0, got {self.blur_sigma_um}")
+
+    @property
+    def has_artefacts(self) -> bool:
+        return bool(self.pen_strokes or self.blur_bands or self.folds)
 
     @property
     def class_names(self) -> tuple[str, ...]:

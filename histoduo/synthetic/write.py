@@ -13,9 +13,10 @@ import numpy as np
 
 from histoduo.runtime.files import atomic_path, atomic_write_text
 from histoduo.slide.geojson import Polygon
-from histoduo.synthetic.layout import SyntheticSlide, _layout
+from histoduo.synthetic.layout import _layout
 from histoduo.synthetic.render import render_region
 from histoduo.synthetic.spec import SyntheticSlideSpec, _ceil_div
+from histoduo.synthetic.truth import SyntheticSlide
 
 
 def _mask_polygons(mask: np.ndarray, cell: int, W: int, H: int) -> list[list[list[list[float]]]]:
@@ -70,6 +71,23 @@ def truth_feature_collection(spec: SyntheticSlideSpec) -> dict:
         polys = polygons(_mask_polygons(lay.labels == i + 1, lay.cell, W, H))
         if polys:
             feats.append(polygon_feature(polys, class_name=name))
+    return {"type": "FeatureCollection", "features": feats}
+
+
+def artefact_feature_collection(spec: SyntheticSlideSpec) -> dict:
+    """QuPath FeatureCollection (level-0 px) of the drawn artefacts: Pen, Blur, Fold."""
+    from histoduo.slide.geojson import polygon_feature
+    from histoduo.synthetic.artefacts import ARTEFACT_CLASSES, artefact_masks
+
+    lay = _layout(spec)
+    W, H = spec.level0_width, spec.level0_height
+    masks = artefact_masks(spec, lay.cell)
+    feats = []
+    for class_name in ARTEFACT_CLASSES:
+        rings = _mask_polygons(masks[class_name.lower()], lay.cell, W, H)
+        polys = [(np.array(r[0]), [np.array(h) for h in r[1:]]) for r in rings]
+        if polys:
+            feats.append(polygon_feature(polys, class_name=class_name))
     return {"type": "FeatureCollection", "features": feats}
 
 
@@ -180,7 +198,11 @@ def write_synthetic_slide(
         _write_tiff(tmp, spec, workers)
     gj = path.with_suffix(".geojson")
     atomic_write_text(gj, json.dumps(truth_feature_collection(spec)))
-    return SyntheticSlide(path=path, spec=spec, truth_geojson=gj)
+    art = None
+    if spec.has_artefacts:  # apart from the class truth, which annotation readers take
+        art = path.with_suffix(".artefacts.geojson")
+        atomic_write_text(art, json.dumps(artefact_feature_collection(spec)))
+    return SyntheticSlide(path=path, spec=spec, truth_geojson=gj, artefacts_geojson=art)
 
 
 def write_synthetic_cohort(

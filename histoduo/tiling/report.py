@@ -24,6 +24,11 @@ class SlideResult:
     tissue_area_mm2: float | None = None
     seconds: float = 0.0
     error: str = ""
+    # Artefact burdens (share of the tissue, 0-1; histoduo.qc); None = not checked.
+    qc_pen: float | None = None
+    qc_blur: float | None = None
+    qc_fold: float | None = None
+    qc_any: float | None = None
 
 
 @dataclass

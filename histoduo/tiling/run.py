@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from histoduo import __version__
+from histoduo.qc import ArtefactMasks, QCParams, check_mode, detect_artefacts
 from histoduo.runtime.errors import HistoduoError
 from histoduo.runtime.pool import LazyPool, default_workers
 from histoduo.runtime.progress import SlideProgress
@@ -81,6 +82,8 @@ class _TileRun:
     existing: dict[str, SlideRecord]
     entries: dict[str, IndexEntry]  # what the index will list
     pool: LazyPool
+    qc: QCParams | None = None  # None: --qc off
+    qc_mode: str = "off"
     bars: Any = None
     log: Any = None
     results: list[SlideResult] = field(default_factory=list)
@@ -132,6 +135,8 @@ def tile_slides(
     class_names: Sequence[str] | None = None,
     progress: bool = True,
     log: Any = None,
+    qc: QCParams | None = None,
+    qc_mode: str = "exclude",
 ) -> TilingReport:
     """Tile every slide into the store at ``out_path``; returns (and writes) the run report.
 
@@ -140,8 +145,14 @@ def tile_slides(
     ``skip_errors`` the first failing slide stops the run after the slides finished so far
     have been saved, and a SlideError is raised. Only the slides tiled and the index are
     written: the other slides' files are not touched.
+
+    ``qc_mode`` (``exclude``, ``flag``, ``off``; thresholds ``qc``, default QCParams()):
+    artefact QC of every tile, stored beside ``tissue_fraction`` with the mode, so training
+    knows whether to leave flagged tiles out. QC is not part of the resume fingerprint: it
+    changes no tile.
     """
     out_path = Path(out_path)
+    check_mode(qc_mode)
     workers = default_workers() if workers is None else workers
     labeller = Labeller.from_dir(annotations_dir, params, class_names) if annotations_dir else None
     names = labeller.class_names if labeller else None
@@ -155,6 +166,8 @@ def tile_slides(
         entries=entries, pool=pool,
     )  # fmt: skip
     run.log = log
+    if qc_mode != "off":
+        run.qc, run.qc_mode = qc or QCParams(), qc_mode
     run.changed = not out_path.exists() or len(entries) != len(_listed(out_path))
     first_error = None
     try:
@@ -231,6 +244,7 @@ class _PlannedSlide:
     fractions: np.ndarray
     labels: np.ndarray | None
     record: SlideRecord
+    artefacts: ArtefactMasks | None = None
 
 
 def _plan_slide(source: SlideSource, run: _TileRun) -> _PlannedSlide:
@@ -279,7 +293,8 @@ def _plan_slide(source: SlideSource, run: _TileRun) -> _PlannedSlide:
             level0_magnification=slide.magnification,
             read_size_px=geometry.read_size_px,
         )
-    return _PlannedSlide(geometry, mask, coords, fractions, labels, record)
+    artefacts = detect_artefacts(mask, run.qc) if run.qc is not None else None
+    return _PlannedSlide(geometry, mask, coords, fractions, labels, record, artefacts)
 
 
 @dataclass
@@ -375,7 +390,7 @@ def _start_slide(
     if encoding is None:
         blocks: Iterator[Any] = iter(())
     else:
-        blocks = _tile_blocks(source, plan, params, run.backend, pool)
+        blocks = _tile_blocks(source, plan, params, run.backend, pool, run.qc)
     return _SlideJob(source, plan, writer, blocks, started)
 
 
@@ -385,10 +400,15 @@ def _finish_slide(job: _SlideJob, run: _TileRun) -> SlideResult:
         run.bars.start_slide(source.name, len(plan.coords))
         written = 0
         t0 = time.perf_counter()
+        blur: list[np.ndarray] = []
         for block in job.blocks:
+            if isinstance(block, tuple):  # (tiles, blur scores) from a QC worker
+                block, scores = block
+                blur.append(scores)
             writer.append(block)
             written += len(block)
             run.bars.advance_tiles(len(block), written / max(time.perf_counter() - t0, 1e-9))
+        burdens = _store_qc(job, run, np.concatenate(blur) if blur else None)
         path = writer.commit()
     except BaseException:
         writer.abort()
@@ -404,7 +424,38 @@ def _finish_slide(job: _SlideJob, run: _TileRun) -> SlideResult:
         n_tiles=len(plan.coords),
         tissue_area_mm2=plan.record.tissue_area_mm2,
         seconds=time.perf_counter() - job.started,
+        **{f"qc_{k}": v for k, v in (burdens or {}).items()},
     )
+
+
+def _store_qc(job: _SlideJob, run: _TileRun, blur: np.ndarray | None) -> dict[str, float] | None:
+    """Per-tile QC into the slide file (before its commit); returns the slide's burdens."""
+    import json
+
+    from histoduo.qc import slide_burdens, tile_qc
+
+    plan = job.plan
+    if run.qc is None or plan.artefacts is None:
+        return None
+    size0 = plan.geometry.tile_size_level0
+    tiles = tile_qc(plan.artefacts, plan.coords, size0, blur, run.qc)
+    burdens = slide_burdens(plan.artefacts, tiles, plan.fractions)
+    info = {
+        "mode": run.qc_mode,
+        "blur_measured": blur is not None,  # a --dry-run store has no pixels to judge
+        "params": run.qc.to_dict(),
+        "burdens": burdens,
+    }
+    job.writer.set_qc(
+        {
+            "qc_pen": tiles.pen,
+            "qc_blur": tiles.blur,
+            "qc_fold": tiles.fold,
+            "qc_flags": tiles.flags,
+        },
+        json.dumps(info),
+    )
+    return burdens
 
 
 def _tile_blocks(
@@ -413,8 +464,10 @@ def _tile_blocks(
     params: TilingParams,
     backend: str,
     pool: Any,
-) -> Iterator[list[np.ndarray] | np.ndarray]:
-    """The slide's tiles in order, in blocks; with a pool, dispatched right away."""
+    qc: QCParams | None = None,
+) -> Iterator[Any]:
+    """The slide's tiles in order, in blocks; with a pool, dispatched right away. With
+    ``qc`` each block is (tiles, blur scores), measured in the worker."""
     coords, geometry = plan.coords, plan.geometry
     tasks = [
         tileio.ChunkTask(
@@ -431,14 +484,20 @@ def _tile_blocks(
         )
         for start in range(0, len(coords), _CHUNK_TILES)
     ]
+    reader: Any = tileio.read_chunk
+    jobs: list[Any] = tasks
+    if qc is not None:
+        from histoduo.tiling.qc_chunks import QCChunkTask, read_chunk_qc
+
+        reader, jobs = read_chunk_qc, [QCChunkTask(task, qc) for task in tasks]
     if pool is not None:
-        return pool.imap(tileio.read_chunk, tasks)
-    return _in_process(tasks)
+        return pool.imap(reader, jobs)
+    return _in_process(reader, jobs)
 
 
-def _in_process(tasks: list[tileio.ChunkTask]) -> Iterator[list[np.ndarray] | np.ndarray]:
+def _in_process(reader: Any, jobs: list[Any]) -> Iterator[Any]:
     try:
-        for task in tasks:
-            yield tileio.read_chunk(task)
+        for job in jobs:
+            yield reader(job)
     finally:
         tileio.close_cached_slide()

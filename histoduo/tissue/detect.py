@@ -199,17 +199,33 @@ def hue_degrees(rgb: np.ndarray) -> np.ndarray:
     return np.where(mx > mn, hue * 60.0, 0.0).astype(np.float32)
 
 
-def pen_ink_mask(rgb: np.ndarray) -> np.ndarray:
-    """Pixels that look like marker ink: blue/green hues or near-black.
+def pen_ink_mask(
+    rgb: np.ndarray,
+    *,
+    min_saturation: float = 0.25,
+    hue_min_deg: float = 70.0,
+    hue_max_deg: float = 250.0,
+    black_max_value: float = 0.25,
+    red_min_saturation: float | None = None,
+    red_hue_halfwidth_deg: float = 12.0,
+) -> np.ndarray:
+    """Pixels that look like marker ink: blue/green hues, near-black, optionally red.
 
     H&E never reaches green-to-blue hues (70-250 deg) with real saturation: hematoxylin is
-    blue-purple (about 255-300 deg) and eosin pink. Black ink is simply very dark.
+    blue-purple (about 255-300 deg) and eosin pink. Black ink is simply very dark. Red ink
+    shares eosin's hue, so it is told apart by saturation alone (``red_min_saturation``;
+    None leaves red out, as tissue detection's ``exclude_pen`` does). The defaults are the
+    tissue step's; histoduo.qc passes its own thresholds.
     """
     sat, value = saturation_value(rgb)
     hue = hue_degrees(rgb)
-    coloured_ink = (hue >= 70) & (hue <= 250) & (sat >= 0.25) & (value < 0.9)
-    black_ink = value < 0.25
-    return coloured_ink | black_ink
+    coloured_ink = (hue >= hue_min_deg) & (hue <= hue_max_deg) & (sat >= min_saturation)
+    coloured_ink &= value < 0.9
+    ink = coloured_ink | (value < black_max_value)
+    if red_min_saturation is not None:
+        red_hue = (hue <= red_hue_halfwidth_deg) | (hue >= 360.0 - red_hue_halfwidth_deg)
+        ink |= red_hue & (sat >= red_min_saturation) & (value < 0.95)
+    return ink
 
 
 def _disk(radius_px: int) -> np.ndarray:

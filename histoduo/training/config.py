@@ -46,6 +46,9 @@ class TrainConfig:
     split_by: str = "slide"  # or "patient" (a column of the slide-label CSV / import CSV)
     splits_csv: str | None = None  # a given split: columns slide,split
     slide_labels_csv: str | None = None  # slide,label: every tile of the slide gets the label
+    # QC-flagged tiles: "exclude" leaves them out, "flag"/"off" keeps them; None follows the
+    # store (each slide records the --qc it was tiled with; the default there is exclude).
+    qc: str | None = None
     grades: list[str] | None = None  # tumour grade classes low -> high (default: from names)
     # {class id: name people read, e.g. "ISUP grade 3-4"} into the checkpoint; others derived
     class_display_names: dict[str, str] = field(default_factory=dict)
@@ -80,6 +83,10 @@ class TrainConfig:
             raise ValueError("val + test fractions must leave slides for training")
         if self.split_by not in ("slide", "patient"):
             raise ValueError(f"split_by must be slide or patient, got {self.split_by!r}")
+        if self.qc is not None:
+            from histoduo.qc.params import check_mode
+
+            check_mode(self.qc)
         from histoduo.runtime.device import check_decode, check_device_name
 
         check_device_name(self.device)

@@ -74,8 +74,14 @@ def tile_table(
     store: TileStore,
     slide_labels_csv: str | Path | None = None,
     split_by: str = "slide",
+    qc: str | None = None,
 ) -> TileTable:
-    """Labelled tiles of a store; slide-level labels (when given) override tile labels."""
+    """Labelled tiles of a store; slide-level labels (when given) override tile labels.
+
+    Tiles QC flagged as artefacts are left out when ``qc`` is ``"exclude"``, or, with
+    ``qc=None``, when the slide was tiled with ``--qc exclude`` (the default); ``"flag"`` and
+    ``"off"`` keep them.
+    """
     index = store.index()
     class_names = list(store.class_names)
     if slide_labels_csv is not None:
@@ -106,9 +112,15 @@ def tile_table(
             f"{store.path}: the store has no labels; tile with --annotations, import a labelled "
             "image folder, or pass --slide-labels CSV"
         )
-    frame = index[index["label"] >= 0].reset_index(drop=True)
+    excluded = qc_excluded_rows(store, index, qc)
+    frame = index[(index["label"] >= 0) & ~excluded].reset_index(drop=True)
     if frame.empty:
-        raise LabelError(f"{store.path}: no labelled tiles")
+        hint = (
+            " once QC-flagged tiles are left out (keep them with --qc flag)"
+            if excluded.any()
+            else ""
+        )
+        raise LabelError(f"{store.path}: no labelled tiles{hint}")
     if split_by == "patient":
         if "patient" not in frame.columns:
             frame["patient"] = [_store_patient(store, s) for s in frame["slide"]]
@@ -116,6 +128,19 @@ def tile_table(
     else:
         frame["group"] = frame["slide"]
     return TileTable(frame[["slide", "tile", "label", "group"]].copy(), class_names)
+
+
+def qc_excluded_rows(store: TileStore, index: pd.DataFrame, qc: str | None) -> np.ndarray:
+    """Rows of ``store.index()`` that QC policy leaves out (see :func:`tile_table`)."""
+    out = np.zeros(len(index), dtype=bool)
+    slides = index["slide"].to_numpy()
+    tiles = index["tile"].to_numpy()
+    for slide in store.slides:
+        excluded = store.qc_excluded(slide, qc)
+        if excluded.any():
+            rows = np.flatnonzero(slides == slide)
+            out[rows] = excluded[tiles[rows]]
+    return out
 
 
 def _store_patient(store: TileStore, slide: str) -> str:

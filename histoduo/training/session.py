@@ -205,7 +205,7 @@ def _data(
     _check_store_geometry(store)
     if config.features_dir is None:
         require_pixels(store)  # a --dry-run store would fail at the first batch
-    table = tile_table(store, config.slide_labels_csv, config.split_by)
+    table = tile_table(store, config.slide_labels_csv, config.split_by, qc=config.qc)
     unnamed = sorted(set(config.class_display_names) - set(table.class_names))
     if unnamed:
         raise LabelError(f"display names for unknown classes {unnamed}: {table.class_names}")
