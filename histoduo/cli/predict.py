@@ -147,6 +147,7 @@ def predict_command(
     from histoduo.checkpoint import CheckpointError
     from histoduo.grading import GradeParams, UncertaintyParams
     from histoduo.slide import SlideError
+    from histoduo.slide.shards import shard_output
     from histoduo.sources import collect_sources, parse_shard, select_shard
     from histoduo.store import StoreError
 
@@ -183,6 +184,7 @@ def predict_command(
             ),
         )
         shard_kn = parse_shard(shard)
+        out = shard_output(out, shard_kn)  # {shard} -> K-of-N; shards may share one folder
         sources = []
         if slides:
             sources = select_shard(collect_sources(list(slides), slide_mpp), shard_kn)

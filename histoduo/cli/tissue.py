@@ -48,7 +48,7 @@ def tissue_command(
     """Detect tissue; write <name>_mask.png, <name>_overlay.png and <name>_tissue.geojson."""
     from rich.console import Console
 
-    from histoduo.cli.slides import _sources
+    from histoduo.cli.slides import _shard_out, _sources
     from histoduo.geojson import read_annotations
     from histoduo.slide import BACKENDS
     from histoduo.tissue import ROI_MODES, TissueParams
@@ -72,6 +72,7 @@ def tissue_command(
         mask_mpp=mask_mpp, min_object_area_um2=min_object_area_um2, exclude_pen=exclude_pen
     )
     sources = _sources(slides, slide_mpp, shard)
+    out = _shard_out(out, shard, single_file=False)
     report = tissue_slides(
         sources,
         out,
