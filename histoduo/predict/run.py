@@ -38,7 +38,7 @@ from histoduo.predict.scoring import (
 )
 from histoduo.prefetch import Prefetcher
 from histoduo.run.errors import HistoduoError
-from histoduo.run.files import atomic_write_text, remove_stale_temporaries
+from histoduo.run.files import atomic_write_text, folder_lock, remove_stale_temporaries
 from histoduo.run.slides import run_slides
 from histoduo.slide import SlideError
 from histoduo.sources import SlideSource
@@ -197,15 +197,18 @@ def predict_run(
         if run.store is not None:
             run.store.close()
 
-    csv_path = write_slides_csv(out)
     manifest = _manifest(checkpoint, meta, params, predictor, workers, run.outcomes, started, shard)
     manifest["tiles_store"] = str(tiles_store) if tiles_store else None
     manifest["overwrite"], manifest["skip_errors"] = overwrite, skip_errors
     name = "manifest.json" if shard is None else f"manifest.shard-{shard[0]}-of-{shard[1]}.json"
-    atomic_write_text(out / name, json.dumps(manifest, indent=2, default=str))
     from histoduo.report import write_report
 
-    write_report(out)  # after the manifest: the report names the model from it
+    # Shards share OUT: rebuild the run-level files one process at a time, so the last shard
+    # to finish writes tables that include every other shard's slides.
+    with folder_lock(out):
+        csv_path = write_slides_csv(out)
+        atomic_write_text(out / name, json.dumps(manifest, indent=2, default=str))
+        write_report(out)  # after the manifest: the report names the model from it
     report = PredictReport(str(out), run.outcomes, str(out / name), str(csv_path))
     if first_error is not None:
         raise first_error
