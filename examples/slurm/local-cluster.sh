@@ -4,7 +4,7 @@
 #
 #   sudo examples/slurm/local-cluster.sh up      # install if missing, configure, start, wait idle
 #   sudo examples/slurm/local-cluster.sh status  # sinfo, or say it is down
-#   sudo examples/slurm/local-cluster.sh down    # stop the daemons (queued jobs are dropped)
+#   sudo examples/slurm/local-cluster.sh down    # cancel every job, stop the daemons
 #
 # Debian/Ubuntu, as root. Works in a container: no systemd, no cgroups (the daemons are started
 # directly and the config uses no cgroup plugins). Both `up` and `down` are idempotent.
@@ -167,6 +167,11 @@ up)
 down)
     need_root
     ours_or_absent
+    # Cancel what is still queued or running, so no job outlives the cluster.
+    if alive "$CTLD_PID"; then
+        squeue -h -o %A 2>/dev/null | xargs -r scancel 2>/dev/null || true
+        for _ in $(seq 40); do [ -z "$(squeue -h 2>/dev/null)" ] && break; sleep 0.25; done
+    fi
     stop_pidfile "$SLURMD_PID" slurmd
     stop_pidfile "$CTLD_PID" slurmctld
     # munged may serve other software: stop it only if `up` started it.
