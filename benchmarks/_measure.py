@@ -52,8 +52,9 @@ def untrained_checkpoint(
     """Save an untrained model (seed 0) as a histoduo checkpoint: benchmarks need no weights."""
     import torch
 
-    from histoduo.checkpoint import CheckpointMeta, ClassRoles, save_checkpoint
+    from histoduo.grading import ClassRoles
     from histoduo.models import build_model
+    from histoduo.models.checkpoint import CheckpointMeta, save_checkpoint
 
     torch.manual_seed(0)
     net = build_model(config)

@@ -61,7 +61,7 @@ def base_config(args: argparse.Namespace) -> ModelConfig:
 
 def make_store(work: Path, num_slides: int, tile_size: int) -> Path:
     """Labelled tile store from synthetic slides (cached in ``work``)."""
-    from histoduo.sources import SlideSource
+    from histoduo.slide.sources import SlideSource
     from histoduo.synthetic import DEFAULT_CLASSES, SyntheticSlideSpec, write_synthetic_slide
     from histoduo.tiling import TilingParams, tile_slides
 

@@ -56,7 +56,7 @@ def _plan(path: Path, params):  # noqa: ANN001, ANN202
 
 def _read_only(task: tuple[str, np.ndarray, int, int, int]) -> int:
     from histoduo.slide import open_slide
-    from histoduo.tileio import read_tile_at_level
+    from histoduo.tiling.read import read_tile_at_level
 
     path, coords, level, read_px, tile_px = task
     with open_slide(path) as slide:
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--skip-reference", action="store_true")
     args = parser.parse_args()
 
-    from histoduo.sources import SlideSource
+    from histoduo.slide.sources import SlideSource
     from histoduo.tiling import TilingParams, tile_slides
 
     args.cache.mkdir(parents=True, exist_ok=True)

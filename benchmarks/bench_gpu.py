@@ -161,7 +161,7 @@ def matmul_tflops(sizes: Sizes) -> float:
 
 
 def _predictor(checkpoint: Path, batch_size: int, device: str, compile_model: bool = False) -> Any:
-    from histoduo.checkpoint import load_model
+    from histoduo.models.checkpoint import load_model
     from histoduo.predict import PredictParams, TilePredictor
 
     model, meta = load_model(checkpoint)
@@ -230,8 +230,8 @@ def sweep(checkpoint: Path, batches: tuple[int, ...], sizes: Sizes) -> dict[str,
 
 def _tile_pool(n: int, sizes: Sizes) -> list[Any]:
     """JPEG tiles of synthetic tissue (the same renderer as the slides), q90 as tiling."""
+    from histoduo.runtime.codec import encode_jpeg
     from histoduo.synthetic import render_region
-    from histoduo.tileio import encode_jpeg
 
     px = sizes.tile_px
     side = int(n**0.5) + 1
@@ -312,9 +312,9 @@ def bench_evaluate(
 
 
 def bench_predict(slide: Path, checkpoint: Path, batch: int, sizes: Sizes) -> dict[str, Any]:
-    from histoduo.checkpoint import load_model
+    from histoduo.models.checkpoint import load_model
     from histoduo.predict import PredictParams, predict_run
-    from histoduo.sources import SlideSource
+    from histoduo.slide.sources import SlideSource
 
     _reset_peak()
     loaded = load_model(checkpoint)  # weights load once per run, not per slide

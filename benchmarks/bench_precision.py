@@ -24,8 +24,8 @@ def main() -> None:
 
     import torch
 
-    from histoduo.accel import Runtime
     from histoduo.models import ModelConfig, build_model
+    from histoduo.runtime.device import Runtime
 
     torch.manual_seed(0)
     config = ModelConfig.small_cpu(input_size_px=args.size)

@@ -77,15 +77,15 @@ def _forward_only(ckpt: Path, slide_path: Path, params) -> tuple[float, int]:  #
     """tiles/s of the model alone on the slide's tiles, already in memory."""
     import torch
 
-    from histoduo.checkpoint import load_model
-    from histoduo.predict import SlideTiles, TilePredictor, _tiling_for
+    from histoduo.models.checkpoint import load_model
+    from histoduo.predict import SlideTiles, TilePredictor, tiling_for
     from histoduo.slide import open_slide
     from histoduo.tiling import TileGeometry, plan_tiles
     from histoduo.tissue import detect_tissue
 
     model, meta = load_model(ckpt)
     predictor = TilePredictor(model, meta, params)
-    tiling = _tiling_for(meta, params, lambda _: None)
+    tiling = tiling_for(meta, params, lambda _: None)
     with open_slide(slide_path) as slide:
         geometry = TileGeometry.for_slide(slide, tiling)
         mask = detect_tissue(slide, tiling.tissue)
@@ -100,7 +100,7 @@ def _forward_only(ckpt: Path, slide_path: Path, params) -> tuple[float, int]:  #
         predictor.batch_size,
         predictor.transform,
     )
-    from histoduo.decode import model_batch
+    from histoduo.runtime.decode import model_batch
 
     device = predictor.runtime.device
     # Model-ready batches on the device (on a GPU, decoded and normalised there beforehand).
@@ -115,9 +115,9 @@ def _forward_only(ckpt: Path, slide_path: Path, params) -> tuple[float, int]:  #
 
 
 def _end_to_end(ckpt: Path, slide_path: Path, params, out: Path) -> tuple[float, int]:  # noqa: ANN001
-    from histoduo.checkpoint import load_model
+    from histoduo.models.checkpoint import load_model
     from histoduo.predict import predict_run
-    from histoduo.sources import SlideSource
+    from histoduo.slide.sources import SlideSource
 
     loaded = load_model(ckpt)  # loading weights is not tile work; the CLI does it once per run
     t0 = time.perf_counter()

@@ -61,7 +61,7 @@ def _disk(*stores: Path) -> int:
 
 
 def _measure(n: int, slides: list[Path], work: Path, params, workers: int) -> dict[str, float]:  # noqa: ANN001
-    from histoduo.sources import SlideSource
+    from histoduo.slide.sources import SlideSource
     from histoduo.store import merge_stores
     from histoduo.tiling import tile_slides
 

@@ -90,7 +90,7 @@ def _reference(path: Path, coords: np.ndarray, size0: int, tile_px: int, out: Pa
 
 
 def _read_only(task: tuple[str, np.ndarray, int, int]) -> int:
-    from histoduo.tileio import read_tile
+    from histoduo.tiling.read import read_tile
 
     path, coords, size0, tile_px = task
     from histoduo.slide import open_slide
@@ -112,7 +112,7 @@ def _limit(path: Path, coords: np.ndarray, size0: int, tile_px: int, workers: in
 
 
 def _histoduo(path: Path, params, out: Path, workers: int) -> tuple[float, int]:  # noqa: ANN001
-    from histoduo.sources import SlideSource
+    from histoduo.slide.sources import SlideSource
     from histoduo.tiling import tile_slides
 
     t0 = time.perf_counter()

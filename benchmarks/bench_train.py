@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 def make_store(folder: Path, n_slides: int, tile_px: int) -> Path:
     """Synthetic slides tiled at 0.5 um/px with labels from their ground-truth annotations."""
-    from histoduo.sources import SlideSource
+    from histoduo.slide.sources import SlideSource
     from histoduo.synthetic import DEFAULT_CLASSES, SyntheticSlideSpec, write_synthetic_slide
     from histoduo.tiling import TilingParams, tile_slides
 
@@ -148,7 +148,7 @@ def run_pipeline(
 
 def stage_costs_ms(store: Path, model_config: Any, batch: int, repeats: int) -> dict[str, float]:
     """Median per-batch ms of each pipeline stage, serially in this process."""
-    from histoduo.preprocess import to_tensor_batch
+    from histoduo.models.preprocess import to_tensor_batch
 
     dataset, sampler, _ = _pipeline_parts(store, model_config, batch, repeats + 2, -1)
     stepper = Stepper(model_config, repeats + 2)

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from histoduo.checkpoint import ClassRoles
-from histoduo.grading import GradeParams, grade_slide
+from histoduo.grading import ClassRoles, GradeParams, grade_slide
 from histoduo.slide import open_slide
-from histoduo.sources import SlideSource
+from histoduo.slide.sources import SlideSource
 from histoduo.store import TileStore
 from histoduo.synthetic import SyntheticSlideSpec, write_synthetic_slide
 from histoduo.tiling import TilingParams, tile_slides

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from histoduo.checkpoint import CheckpointMeta, ClassRoles
+from histoduo.grading import ClassRoles
 from histoduo.models import ModelConfig
+from histoduo.models.checkpoint import CheckpointMeta
 
 TINY = dict(
     backbone="resnet18",

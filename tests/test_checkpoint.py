@@ -12,7 +12,8 @@ import pytest
 import torch
 from model_configs import tiny, tiny_meta
 
-from histoduo.checkpoint import (
+from histoduo.models import ModelConfig, build_model
+from histoduo.models.checkpoint import (
     CheckpointError,
     CheckpointMeta,
     ClassRoles,
@@ -21,7 +22,6 @@ from histoduo.checkpoint import (
     load_model,
     save_checkpoint,
 )
-from histoduo.models import ModelConfig, build_model
 
 
 @pytest.mark.parametrize(

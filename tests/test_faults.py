@@ -18,9 +18,9 @@ import torch
 from model_configs import tiny, tiny_meta
 from typer.testing import CliRunner
 
-from histoduo.checkpoint import CheckpointMeta, save_checkpoint
 from histoduo.cli import app
 from histoduo.models import build_model
+from histoduo.models.checkpoint import CheckpointMeta, save_checkpoint
 from histoduo.store import TileStore
 from histoduo.synthetic import DEFAULT_CLASSES, SyntheticSlideSpec, write_synthetic_slide
 

@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 from histoduo.cli import app
 from histoduo.predict import PredictParams, predict_run
-from histoduo.run.files import atomic_path, atomic_write, atomic_write_text
-from histoduo.sources import SlideSource
+from histoduo.runtime.files import atomic_path, atomic_write, atomic_write_text
+from histoduo.slide.sources import SlideSource
 from histoduo.tiling import TilingParams, tile_slides
 
 EXPECTED = {0o022: 0o644, 0o077: 0o600}

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from histoduo.geojson import (
+from histoduo.slide.geojson import (
     CLASS_COLORS,
     Annotation,
     class_color,

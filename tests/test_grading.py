@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from histoduo.checkpoint import ClassRoles
 from histoduo.grading import (
     NO_TUMOUR,
+    ClassRoles,
     GradeParams,
     Resolution,
     SlideGrade,

@@ -9,16 +9,16 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from histoduo.heatmap import (
+from histoduo.results.maps import (
     OTHER_TISSUE_RGB,
     HeatmapStyle,
-    SlideScores,
     class_map,
     grade_map,
     mean_probabilities,
-    redraw,
     render_slide_maps,
 )
+from histoduo.results.redraw import redraw
+from histoduo.results.scores import SlideScores
 
 CLASSES = ["normal", "low_grade", "high_grade", "necrosis"]
 
@@ -97,7 +97,7 @@ def test_every_map_is_a_labelled_figure(tmp_path: Path) -> None:
 
 
 def test_scale_bar_lengths() -> None:
-    from histoduo.figures import format_length, nice_length_um, upsample_nearest
+    from histoduo.results.figures import format_length, nice_length_um, upsample_nearest
 
     assert nice_length_um(500.0) == 100.0  # a fifth of 500 um
     assert nice_length_um(12_000.0) == 2000.0

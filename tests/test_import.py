@@ -11,9 +11,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from histoduo.cli import app
-from histoduo.importer import ImageImportError, ImportParams, import_images, mosaic_coords
 from histoduo.models import ModelConfig
 from histoduo.store import TileStore
+from histoduo.tiling.importer import ImageImportError, ImportParams, import_images, mosaic_coords
 from histoduo.training import TrainConfig, train
 from histoduo.training.data import tile_table
 

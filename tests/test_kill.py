@@ -24,8 +24,8 @@ import pytest
 import torch
 from model_configs import tiny, tiny_meta
 
-from histoduo.checkpoint import load_checkpoint, save_checkpoint
 from histoduo.models import build_model
+from histoduo.models.checkpoint import load_checkpoint, save_checkpoint
 from histoduo.store import TileStore, clam_dir
 from histoduo.synthetic import SyntheticSlideSpec, write_synthetic_slide
 

@@ -242,7 +242,7 @@ def test_model_info_reports_costs() -> None:
 
 
 def _torchvision_resnet18_state() -> dict[str, torch.Tensor]:
-    from histoduo._torchcompat import ensure_torchvision
+    from histoduo.runtime.torchcompat import ensure_torchvision
 
     ensure_torchvision()
     import torchvision
@@ -293,7 +293,7 @@ def test_weights_pickle_with_code_needs_trust_and_never_runs(tmp_path) -> None:
 def test_load_timm_layout_safetensors(tmp_path) -> None:
     from safetensors.torch import save_file
 
-    from histoduo._torchcompat import import_timm
+    from histoduo.runtime.torchcompat import import_timm
 
     timm = import_timm()
     state = timm.create_model("resnet18", pretrained=False, num_classes=10).state_dict()
@@ -321,12 +321,29 @@ def test_weights_for_another_architecture_fail_clearly(tmp_path) -> None:
 
 
 def test_timm_weights_offline_fail_fast() -> None:
-    import time
-
-    start = time.perf_counter()
     with pytest.raises(WeightsError, match="local weights file"):
         build_model(tiny(backbone_weights="timm"))
-    assert time.perf_counter() - start < 10
+
+
+def test_hub_probe_fails_fast_without_offline_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Online mode asks the hub with a short timeout first (timm alone hangs ~47 s), and the
+    error says to pass a local file; offline mode never touches the network."""
+    from histoduo.models import weights
+
+    probes: list[float] = []
+
+    def unreachable(address: tuple[str, int], timeout: float) -> None:
+        probes.append(timeout)
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(weights.socket, "create_connection", unreachable)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(WeightsError, match="unreachable.*local weights file"):
+        weights.check_hub_reachable("resnet18")
+    assert len(probes) == 1 and 0 < probes[0] <= 5
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    weights.check_hub_reachable("resnet18")
+    assert len(probes) == 1
 
 
 def test_normalization() -> None:

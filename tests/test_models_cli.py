@@ -10,9 +10,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import torch
 from typer.testing import CliRunner
 
-from histoduo.checkpoint import CheckpointMeta, save_checkpoint
 from histoduo.cli import app
 from histoduo.models import ModelConfig
+from histoduo.models.checkpoint import CheckpointMeta, save_checkpoint
 
 SMALL = [
     "--backbone", "resnet18", "--embed-dim", "32", "--scale-depth", "1", "--patch-depth", "1",

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from histoduo.cli import app
 from histoduo.predict import PredictParams, predict_run
-from histoduo.sources import SlideSource
+from histoduo.slide.sources import SlideSource
 
 CLASSES = ["normal", "low_grade", "high_grade", "necrosis"]
 
@@ -27,8 +27,9 @@ def make_checkpoint(
     """A tiny random (chance-level) DuoFormer checkpoint (64 px tiles at ``target_mpp``)."""
     import torch
 
-    from histoduo.checkpoint import CheckpointMeta, ClassRoles, save_checkpoint
+    from histoduo.grading import ClassRoles
     from histoduo.models import ModelConfig, build_model
+    from histoduo.models.checkpoint import CheckpointMeta, save_checkpoint
 
     torch.manual_seed(seed)
     config = ModelConfig(
@@ -115,7 +116,8 @@ def test_geojson_level0_inside_slide(run_dir: Path) -> None:
 
 
 def test_heatmap_png_size_and_tissue_only(run_dir: Path) -> None:
-    from histoduo.heatmap import HeatmapStyle, SlideScores, class_map, mask_on_canvas
+    from histoduo.results.maps import HeatmapStyle, class_map, mask_on_canvas
+    from histoduo.results.scores import SlideScores
 
     scores = SlideScores.load(run_dir / "svs_a" / "scores.npz")
     thumbnail = scores.thumbnail

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from histoduo.predict import PredictParams, predict_run
-from histoduo.sources import SlideSource
+from histoduo.slide.sources import SlideSource
 from histoduo.synthetic import SyntheticSlideSpec, write_synthetic_slide
 from histoduo.tiling import TilingParams, tile_slides
 

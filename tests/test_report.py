@@ -18,7 +18,7 @@ from test_predict import CLASSES, make_checkpoint
 from typer.testing import CliRunner
 
 from histoduo.predict import PredictParams, predict_run
-from histoduo.sources import SlideSource
+from histoduo.slide.sources import SlideSource
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTEFACTS = ROOT / "test-artefacts"  # git-ignored; CI keeps it
@@ -246,8 +246,8 @@ def test_report_in_headless_chromium(run: Path, tmp_path: Path) -> None:
 
 
 def test_display_names_defaults_and_older_checkpoints() -> None:
-    from histoduo.checkpoint import CheckpointMeta
-    from histoduo.display import default_display_name, display_names
+    from histoduo.models.checkpoint import CheckpointMeta
+    from histoduo.results.display import default_display_name, display_names
 
     assert default_display_name("high_grade") == "High grade"
     assert default_display_name("grade_3") == "Grade 3"

@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from histoduo.run.files import atomic_write, remove_stale_temporaries, temporary_path
+import pytest
+
+from histoduo.runtime.files import atomic_write, remove_stale_temporaries, temporary_path
 
 
 def _dead_pid() -> int:
@@ -35,10 +37,7 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path: Path) -> None:
 
 def test_atomic_write_leaves_nothing_when_the_block_raises(tmp_path: Path) -> None:
     target = tmp_path / "slides.csv"
-    try:
-        with atomic_write(target) as handle:
-            handle.write("half a table")
-            raise RuntimeError("writer died")
-    except RuntimeError:
-        pass
+    with pytest.raises(RuntimeError, match="writer died"), atomic_write(target) as handle:
+        handle.write("half a table")
+        raise RuntimeError("writer died")
     assert list(tmp_path.iterdir()) == []

@@ -15,7 +15,7 @@ from histoduo.slide.shards import (
     shard_output,
     shard_store_path,
 )
-from histoduo.sources import SlideSource, select_shard
+from histoduo.slide.sources import SlideSource, select_shard
 
 
 def _array(task: int, low: int, high: int, count: int | None = None, step: int | None = None):
@@ -169,7 +169,7 @@ def test_folder_lock_excludes_other_processes(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from histoduo.run.files import folder_lock
+    from histoduo.runtime.files import folder_lock
 
     probe = (
         "import fcntl, os, sys\n"

@@ -99,8 +99,8 @@ def checkpoint(cohort: Path) -> Path:
     import torch
     from model_configs import tiny, tiny_meta
 
-    from histoduo.checkpoint import save_checkpoint
     from histoduo.models import build_model
+    from histoduo.models.checkpoint import save_checkpoint
 
     config = tiny(num_classes=len(CLASSES))
     torch.manual_seed(0)

@@ -20,7 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from histoduo.cli import app
-from histoduo.sources import SlideSource
+from histoduo.slide.sources import SlideSource
 from histoduo.store import (
     IndexEntry,
     StoreError,
@@ -306,7 +306,7 @@ def test_merge_into_an_existing_store_touches_only_the_new_slides(
 _KILLED_RUN = textwrap.dedent(
     """
     import sys
-    from histoduo.sources import SlideSource
+    from histoduo.slide.sources import SlideSource
     from histoduo.tiling import TilingParams, tile_slides
 
     if __name__ == "__main__":

@@ -13,10 +13,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from histoduo.checkpoint import load_checkpoint, load_model
 from histoduo.cli import app
 from histoduo.models import ModelConfig
-from histoduo.sources import SlideSource
+from histoduo.models.checkpoint import load_checkpoint, load_model
+from histoduo.slide.sources import SlideSource
 from histoduo.store import TileStore, copy_store
 from histoduo.synthetic import DEFAULT_CLASSES, SyntheticSlideSpec, write_synthetic_slide
 from histoduo.tiling import TilingParams, tile_slides

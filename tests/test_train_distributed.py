@@ -23,15 +23,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from histoduo.checkpoint import load_checkpoint
 from histoduo.models import ModelConfig, build_model
+from histoduo.models.checkpoint import load_checkpoint
 from histoduo.synthetic import DEFAULT_CLASSES
 from histoduo.training import TrainConfig, train
 from histoduo.training.config import AugmentConfig
@@ -62,7 +61,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three synthetic slides tiled at 0.5 um/px, 64 px, labels from their ground truth."""
-    from histoduo.sources import SlideSource
+    from histoduo.slide.sources import SlideSource
     from histoduo.synthetic import SyntheticSlideSpec, write_synthetic_slide
     from histoduo.tiling import TilingParams, tile_slides
 
@@ -105,7 +104,6 @@ def test_two_processes_match_one(small_store: Path, tmp_path: Path) -> None:
         "--master-addr", env["MASTER_ADDR"], "--master-port", env["MASTER_PORT"],
         __file__, str(small_store), str(tmp_path / "two"),
     ]  # fmt: skip
-    started = time.perf_counter()
     # A session of its own, so a stuck rank can be killed together with the launcher.
     launcher = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -118,7 +116,6 @@ def test_two_processes_match_one(small_store: Path, tmp_path: Path) -> None:
         output, _ = launcher.communicate()
         pytest.fail(f"torchrun did not finish in {TIMEOUT_S} s:\n{output[-4000:]}")
     assert launcher.returncode == 0, output[-4000:]
-    assert time.perf_counter() - started < TIMEOUT_S
 
     a = load_checkpoint(one.last_checkpoint)["model_state"]
     b = load_checkpoint(tmp_path / "two" / "last.pt")["model_state"]

@@ -32,7 +32,7 @@ def demo_command(
     from rich.console import Console
     from rich.table import Table
 
-    from histoduo.demo import DemoConfig, run_demo
+    from histoduo.synthetic.demo import DemoConfig, run_demo
 
     console = Console(stderr=True)
     try:

@@ -76,9 +76,9 @@ def import_command(
     """Import a folder of labelled patch images as a tile store for training."""
     from rich.console import Console
 
-    from histoduo.importer import ImageImportError, ImportParams, import_images
-    from histoduo.run.pool import default_workers
+    from histoduo.runtime.pool import default_workers
     from histoduo.store import StoreError
+    from histoduo.tiling.importer import ImageImportError, ImportParams, import_images
 
     console = Console(stderr=True)
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None

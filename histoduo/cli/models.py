@@ -68,8 +68,8 @@ def model_info_command(
 ) -> None:
     """Parameters, GFLOPs per tile, tokens per stage and activation memory of a model."""
 
-    from histoduo.checkpoint import CheckpointError, load_checkpoint
     from histoduo.models import ModelConfig
+    from histoduo.models.checkpoint import CheckpointError, load_checkpoint
     from histoduo.models.info import model_info
 
     if checkpoint is not None:
@@ -148,7 +148,7 @@ def convert_checkpoint_command(
 
     Reading the old file unpickles it, which can run code: --trust-checkpoint is required.
     """
-    from histoduo.checkpoint import TRUST_FLAG, CheckpointError, convert_checkpoint
+    from histoduo.models.checkpoint import TRUST_FLAG, CheckpointError, convert_checkpoint
 
     if not trust_checkpoint:
         raise fail(

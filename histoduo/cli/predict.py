@@ -144,11 +144,11 @@ def predict_command(
     """
     from rich.console import Console
 
-    from histoduo.checkpoint import CheckpointError
     from histoduo.grading import GradeParams, UncertaintyParams
+    from histoduo.models.checkpoint import CheckpointError
     from histoduo.slide import SlideError
     from histoduo.slide.shards import shard_output
-    from histoduo.sources import collect_sources, parse_shard, select_shard
+    from histoduo.slide.sources import collect_sources, parse_shard, select_shard
     from histoduo.store import StoreError
 
     console = Console(stderr=True, quiet=quiet, soft_wrap=True)
@@ -288,7 +288,8 @@ def heatmap_command(
     ] = None,
 ) -> None:
     """Redraw maps from saved scores (scores.npz) and rebuild report.html; no model needed."""
-    from histoduo.heatmap import HeatmapStyle, redraw
+    from histoduo.results.maps import HeatmapStyle
+    from histoduo.results.redraw import redraw
 
     try:
         style = HeatmapStyle(

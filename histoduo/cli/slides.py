@@ -32,7 +32,7 @@ def _console(stderr: bool = False):  # noqa: ANN202 - rich is imported lazily
 
 
 def _sources(slides: list[str], slide_mpp: float | None, shard: str | None):  # noqa: ANN202
-    from histoduo.sources import collect_sources, parse_shard, select_shard
+    from histoduo.slide.sources import collect_sources, parse_shard, select_shard
 
     try:
         kn = parse_shard(shard)
@@ -61,7 +61,7 @@ def _shard_out(out: Path, shard: str | None, *, single_file: bool) -> Path:
     """``--out`` for this shard: ``{shard}`` filled in (and, for a store, a per-shard name
     under ``--shard auto``)."""
     from histoduo.slide.shards import shard_output, shard_store_path
-    from histoduo.sources import parse_shard
+    from histoduo.slide.sources import parse_shard
 
     try:
         kn = parse_shard(shard)

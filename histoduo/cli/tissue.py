@@ -49,10 +49,10 @@ def tissue_command(
     from rich.console import Console
 
     from histoduo.cli.slides import _shard_out, _sources
-    from histoduo.geojson import read_annotations
     from histoduo.slide import BACKENDS
+    from histoduo.slide.geojson import read_annotations
     from histoduo.tissue import ROI_MODES, TissueParams
-    from histoduo.tissue_run import tissue_slides
+    from histoduo.tissue.run import tissue_slides
 
     if backend not in BACKENDS:
         raise fail(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")

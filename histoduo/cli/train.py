@@ -97,7 +97,11 @@ def train_command(
     dropout: Dropout = 0.0,
     drop_path: DropPath = 0.0,
     preset: Annotated[
-        str, typer.Option("--preset", help="default, or authors (duoformer.md's recipe).")
+        str,
+        typer.Option(
+            "--preset",
+            help="default, or authors (the DuoFormer authors' recipe, docs/training.md).",
+        ),
     ] = "default",
     epochs: Annotated[
         int | None, typer.Option("--epochs", show_default=False, help="Epochs (default 10).")
@@ -189,7 +193,7 @@ def train_command(
     """Train DuoFormer (or a baseline) on the labelled tiles of a store, splitting by slide."""
     from rich.console import Console
 
-    from histoduo.checkpoint import CheckpointError
+    from histoduo.models.checkpoint import CheckpointError
     from histoduo.store import StoreError, TileStore
     from histoduo.training import LabelError, TrainConfig, train
     from histoduo.training.config import AugmentConfig
@@ -275,7 +279,7 @@ def evaluate_command(
     trust_checkpoint: TrustCheckpoint = False,
 ) -> None:
     """Balanced accuracy, per-class recall/precision/F1 and confusion matrix on a store."""
-    from histoduo.checkpoint import CheckpointError
+    from histoduo.models.checkpoint import CheckpointError
     from histoduo.store import StoreError
     from histoduo.training import LabelError, evaluate
 
@@ -294,7 +298,7 @@ def evaluate_command(
     except (LabelError, StoreError, CheckpointError, ValueError) as exc:
         raise fail(str(exc)) from None
     if out is not None:
-        from histoduo.run.files import atomic_write_text
+        from histoduo.runtime.files import atomic_write_text
 
         atomic_write_text(out, json.dumps(report, indent=2))
     if as_json:

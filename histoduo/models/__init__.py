@@ -4,8 +4,9 @@ from histoduo.models.backbone import StageInfo, feature_levels, input_normalizat
 from histoduo.models.baselines import CNNClassifier, HybridViT
 from histoduo.models.config import ModelConfig
 from histoduo.models.duoformer import ConvScaleToken, DuoFormer, HistoClassifier, patchify
-from histoduo.models.factory import build_model, maybe_compile, validate_config
+from histoduo.models.factory import build_model, validate_config
 from histoduo.models.weights import LoadReport, WeightsError, load_backbone_file
+from histoduo.runtime.device import maybe_compile
 
 __all__ = [
     "CNNClassifier",

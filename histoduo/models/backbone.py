@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from histoduo._torchcompat import import_timm
 from histoduo.models.config import ModelConfig
+from histoduo.runtime.torchcompat import import_timm
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-from torch import nn
-
 from histoduo.models.backbone import create_backbone, feature_levels, resolve_stages
 from histoduo.models.baselines import CNNClassifier, HybridViT
 from histoduo.models.config import ModelConfig
@@ -108,13 +105,3 @@ def build_model(config: ModelConfig, *, trust_weights: bool = False) -> HistoCla
             param.requires_grad_(False)
         model.train()  # re-applies eval() to the frozen backbone
     return model
-
-
-def maybe_compile(model: nn.Module, enabled: bool, **kwargs: object) -> nn.Module:
-    """``torch.compile(model)`` when enabled (and available), else the model unchanged."""
-    if not enabled:
-        return model
-    if not hasattr(torch, "compile"):
-        log.warning("torch.compile is not available in this torch; running eagerly")
-        return model
-    return torch.compile(model, **kwargs)  # type: ignore[return-value]

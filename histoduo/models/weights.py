@@ -90,7 +90,7 @@ def read_state_dict(path: str | Path, *, trust: bool = False) -> dict[str, torch
     timm's ``.pth`` files) load as they are; a file that needs the full unpickler, which can
     run code, is read only with ``trust`` (``--trust-checkpoint``).
     """
-    from histoduo.checkpoint import sniff_format, untrusted_pickle_error, warn_trusted_pickle
+    from histoduo.models.pickles import sniff_format, untrusted_pickle_error, warn_trusted_pickle
 
     path = Path(path)
     if not path.is_file():

@@ -7,7 +7,7 @@ Modules: :mod:`~histoduo.predict.params` (PredictParams, device, tiling from the
 
 Per slide ``OUT/<slide>/`` (every file written atomically, ``done`` written last)::
 
-    tiles.csv        one row per tile (histoduo.tables; columns in docs/prediction.md)
+    tiles.csv        one row per tile (histoduo.results.tables; columns in docs/prediction.md)
     scores.npz       the raw score grid: probs, coords, tile size, thumbnail, tissue mask,
                      class names and colours (enough to redraw every picture without the model)
     tiles.geojson    QuPath tiles (objectType "tile", class, probabilities as measurements)
@@ -16,59 +16,27 @@ Per slide ``OUT/<slide>/`` (every file written atomically, ``done`` written last
     *.png            thumbnail.png always; the maps with heatmaps (the default): heatmap.py
 
 Run level ``OUT/``: ``slides.csv`` (rebuilt from every finished slide folder, so shards and
-reruns accumulate), ``report.html`` (histoduo.report, rebuilt the same way) and
+reruns accumulate), ``report.html`` (histoduo.results.report, rebuilt the same way) and
 ``manifest.json`` (``manifest.shard-K-of-N.json`` for a shard).
 """
 
 from histoduo.predict.engine import SlideTiles, StoreTiles, TilePredictor
-from histoduo.predict.outputs import (
-    DONE_MARKER,
-    ERROR_FILE,
-    SUMMARY_FILE,
-    PredictReport,
-    SlideOutcome,
-    is_done,
-    tile_features,
-    tiles_table_text,
-    write_slide_outputs,
-    write_slides_csv,
-)
-from histoduo.predict.params import (
-    PRECISIONS,
-    THUMBNAIL_MAX_PX,
-    PredictParams,
-    default_workers,
-    resolve_device,
-    tiling_for,
-)
+from histoduo.predict.outputs import PredictReport, SlideOutcome, tile_features, write_slide_outputs
+from histoduo.predict.params import THUMBNAIL_MAX_PX, PredictParams, tiling_for
 from histoduo.predict.run import predict_run
 from histoduo.predict.scoring import grade_scores
-from histoduo.scores import SCORES_FILE, SlideScores
-
-_tiling_for = tiling_for  # the name benchmarks/bench_predict.py uses
 
 __all__ = [
-    "DONE_MARKER",
-    "ERROR_FILE",
-    "PRECISIONS",
-    "SCORES_FILE",
-    "SUMMARY_FILE",
     "THUMBNAIL_MAX_PX",
     "PredictParams",
     "PredictReport",
     "SlideOutcome",
-    "SlideScores",
     "SlideTiles",
     "StoreTiles",
     "TilePredictor",
-    "default_workers",
     "grade_scores",
-    "is_done",
     "predict_run",
-    "resolve_device",
     "tile_features",
-    "tiles_table_text",
     "tiling_for",
     "write_slide_outputs",
-    "write_slides_csv",
 ]

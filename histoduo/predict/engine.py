@@ -21,7 +21,7 @@ from histoduo.slide import open_slide
 if TYPE_CHECKING:
     import torch
 
-    from histoduo.checkpoint import CheckpointMeta
+    from histoduo.models.checkpoint import CheckpointMeta
 
 
 def _worker_share(n_chunks: int) -> range:
@@ -45,17 +45,17 @@ class _TransformSpec:
     def apply(self, tiles: np.ndarray) -> Any:
         # The exact evaluation transform (preprocess.py), done in the worker so the main
         # process only runs the model; or, on a GPU, left to the device.
-        from histoduo.preprocess import to_tensor_batch
+        from histoduo.models.preprocess import to_tensor_batch
 
         if self.on_device:
-            from histoduo.decode import encoded_pixels
+            from histoduo.runtime.decode import encoded_pixels
 
             return encoded_pixels(tiles)
         return self.finish(to_tensor_batch(tiles))
 
     def finish(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) uint8 on any device -> normalised float there."""
-        from histoduo.preprocess import eval_transform
+        from histoduo.models.preprocess import eval_transform
 
         return eval_transform(batch, self.input_size_px, self.mean, self.std, self.eval_resize)
 
@@ -93,7 +93,7 @@ class SlideTiles(IterableDataset):
     def __iter__(self) -> Iterator[tuple[np.ndarray, Any]]:
         import torch
 
-        from histoduo.tileio import read_tile
+        from histoduo.tiling.read import read_tile
 
         n_chunks = math.ceil(len(self.coords) / self.batch_size)
         with open_slide(self.slide_path, self.backend, self.mpp_override) as slide:
@@ -135,7 +135,7 @@ class StoreTiles(IterableDataset):
                 start = chunk * self.batch_size
                 stop = min(start + self.batch_size, self.n_tiles)
                 if self.transform.on_device:  # JPEG bytes as stored: the GPU decodes them
-                    from histoduo.decode import read_encoded
+                    from histoduo.store.read import read_encoded
 
                     yield (
                         torch.arange(start, stop),
@@ -152,7 +152,7 @@ def _worker_context() -> Any:
     The fork server preloads this module (torch, readers), so each slide's workers fork from
     a warm process in milliseconds instead of importing torch again (seconds).
     """
-    from histoduo.run.pool import pool_context
+    from histoduo.runtime.pool import pool_context
 
     return pool_context(["histoduo.predict"])
 
@@ -164,8 +164,8 @@ class TilePredictor:
     """Model + device + precision: normalised batches in, class probabilities out."""
 
     def __init__(self, model: Any, meta: CheckpointMeta, params: PredictParams) -> None:
-        from histoduo.accel import Runtime, default_batch_size
-        from histoduo.decode import decode_on_device
+        from histoduo.runtime.decode import decode_on_device
+        from histoduo.runtime.device import Runtime, default_batch_size
 
         self.meta = meta
         self.params = params
@@ -188,16 +188,14 @@ class TilePredictor:
             on_device=decode_on_device(params.decode, self.runtime.device),
         )
 
-    def default_workers(self, store: bool) -> int:
+    def worker_kind(self, store: bool) -> str:
         """Workers that only read store bytes for the GPU need fewer than decoding ones."""
-        from histoduo.accel import default_workers
-
-        return default_workers("bytes" if store and self.transform.on_device else "pixels")
+        return "bytes" if store and self.transform.on_device else "pixels"
 
     def __call__(self, x: Any) -> np.ndarray:
         """A loader's batch (normalised float, or encoded for the device) -> (B, K) float32
         probabilities."""
-        from histoduo.decode import model_batch
+        from histoduo.runtime.decode import model_batch
 
         return self.forward(model_batch(x, self.runtime.device, self.transform.finish))
 
@@ -223,7 +221,7 @@ class TilePredictor:
             return probs
         n_chunks = math.ceil(len(tiles) / tiles.batch_size)
         workers = min(workers, n_chunks)
-        from histoduo.accel import loader_options
+        from histoduo.runtime.device import loader_options
 
         loader = DataLoader(
             tiles,

@@ -1,7 +1,7 @@
 """What prediction writes: per-slide files, the ``done`` marker and the run's slides.csv.
 
-Every file goes through :mod:`histoduo.run.files` (atomic, modes follow the umask). The two
-tables (tiles.csv, slides.csv: unit-named columns) live in :mod:`histoduo.tables`.
+Every file goes through :mod:`histoduo.runtime.files` (atomic, modes follow the umask). The two
+tables (tiles.csv, slides.csv: unit-named columns) live in :mod:`histoduo.results.tables`.
 """
 
 from __future__ import annotations
@@ -14,20 +14,20 @@ from typing import Any
 
 import numpy as np
 
-from histoduo.geojson import polygon_feature
 from histoduo.grading import SlideGrade
-from histoduo.run.files import atomic_write_text
-from histoduo.scores import SCORES_FILE, SlideScores
-from histoduo.tables import (
+from histoduo.results.layout import (
     DONE_MARKER,
-    ERROR_FILE,
-    SUMMARY_FILE,
-    tiles_table_text,
-    write_slides_csv,
+    SCORES_FILE,
+    TILES_CSV,
+    TILES_GEOJSON,
+    TISSUE_GEOJSON,
+    SlideSummary,
 )
+from histoduo.results.scores import SlideScores
+from histoduo.results.tables import tiles_table_text
+from histoduo.runtime.files import atomic_write_text
+from histoduo.slide.geojson import polygon_feature
 from histoduo.tissue import TissueMask
-
-__all__ = ["DONE_MARKER", "ERROR_FILE", "SUMMARY_FILE", "tiles_table_text", "write_slides_csv"]
 
 
 def tile_features(scores: SlideScores) -> list[dict[str, Any]]:
@@ -57,30 +57,30 @@ def write_slide_outputs(
     slide_dir: Path,
     scores: SlideScores,
     grade: SlideGrade,
-    summary: dict[str, Any],
+    summary: SlideSummary,
     heatmap: bool,
 ) -> None:
     """Every per-slide file, atomically, then the ``done`` marker last."""
-    from histoduo.geojson import write_feature_collection
+    from histoduo.slide.geojson import write_feature_collection
     from histoduo.tissue import tissue_features
 
     slide_dir.mkdir(parents=True, exist_ok=True)
     scores.save(slide_dir / SCORES_FILE)
-    atomic_write_text(slide_dir / "tiles.csv", tiles_table_text(scores))
-    write_feature_collection(slide_dir / "tiles.geojson", tile_features(scores))
+    atomic_write_text(slide_dir / TILES_CSV, tiles_table_text(scores))
+    write_feature_collection(slide_dir / TILES_GEOJSON, tile_features(scores))
     mask = TissueMask(
         scores.tissue_mask, scores.mask_downsample, scores.thumbnail, scores.slide_mpp,
         level0_size=(scores.level0_width, scores.level0_height),
     )  # fmt: skip
-    write_feature_collection(slide_dir / "tissue.geojson", tissue_features(mask))
-    from histoduo.heatmap import HeatmapStyle, render_slide_maps, render_thumbnail
+    write_feature_collection(slide_dir / TISSUE_GEOJSON, tissue_features(mask))
+    from histoduo.results.maps import HeatmapStyle, render_slide_maps, render_thumbnail
 
     if heatmap:
         render_slide_maps(scores, slide_dir, HeatmapStyle())
     else:
         render_thumbnail(scores, slide_dir, HeatmapStyle())  # the report shows it
-    summary = {**summary, "grade": grade.to_dict()}
-    atomic_write_text(slide_dir / SUMMARY_FILE, json.dumps(summary, indent=2, default=str))
+    summary.grade = grade.to_dict()
+    summary.write(slide_dir)
     atomic_write_text(slide_dir / DONE_MARKER, json.dumps({"finished": time.time()}))
 
 
@@ -110,19 +110,15 @@ class PredictReport:
         return [o for o in self.outcomes if o.status in ("error", "no_tissue")]
 
 
-def is_done(slide_dir: Path) -> bool:
-    return (slide_dir / DONE_MARKER).exists()
-
-
 def skipped_outcome(slide_dir: Path, name: str, path: str) -> SlideOutcome:
     try:
-        summary = json.loads((slide_dir / SUMMARY_FILE).read_text())
-        grade = summary.get("grade", {})
+        summary = SlideSummary.read(slide_dir)
+        grade = summary.grade
         return SlideOutcome(
             name,
             path,
             "skipped",
-            n_tiles=int(summary.get("n_tiles", 0)),
+            n_tiles=summary.n_tiles,
             call=grade.get("call", ""),
             confidence=grade.get("confidence"),
             uncertain=grade.get("uncertain"),

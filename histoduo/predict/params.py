@@ -8,14 +8,12 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from histoduo.grading import GradeParams
-from histoduo.run.pool import default_workers as _default_workers
 from histoduo.tissue import TissueParams
 
 if TYPE_CHECKING:
-    from histoduo.checkpoint import CheckpointMeta
+    from histoduo.models.checkpoint import CheckpointMeta
     from histoduo.tiling import TilingParams
 
-PRECISIONS = ("auto", "fp32", "bf16")
 THUMBNAIL_MAX_PX = 1024  # long side of the stored thumbnail the maps are painted on
 
 
@@ -28,7 +26,7 @@ class PredictParams:
     stride_px: int | None = None  # at the target resolution; None = tile size (no overlap)
     min_tissue_fraction: float = 0.25  # of a tile's area, 0-1
     batch_size: int | None = None  # None: 256 on GPU, 64 on CPU
-    device: str = "auto"  # auto, cpu, cuda, cuda:N (histoduo/accel.py)
+    device: str = "auto"  # auto, cpu, cuda, cuda:N (runtime/device.py)
     precision: str = "auto"  # auto: bf16 weights + autocast on GPU, fp32 on CPU
     channels_last: bool = True
     compile: bool = False  # torch.compile the model (pays off on long GPU runs)
@@ -44,14 +42,13 @@ class PredictParams:
     thumbnail_max_px: int = THUMBNAIL_MAX_PX
 
     def __post_init__(self) -> None:
-        from histoduo.accel import check_decode, check_device_name
+        from histoduo.runtime.device import check_decode, check_device_name, check_precision
 
         check_device_name(self.device)
         check_decode(self.decode)
+        check_precision(self.precision)
         if self.prefetch_slides < 0:
             raise ValueError(f"prefetch_slides must be >= 0, got {self.prefetch_slides}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.stride_px is not None and self.stride_px < 1:
             raise ValueError(f"stride must be >= 1 px, got {self.stride_px}")
         if self.tile_size_px is not None and self.tile_size_px < 8:
@@ -67,18 +64,6 @@ class PredictParams:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def resolve_device(device: str) -> str:
-    """``--device`` -> the torch device name it means here (accel.resolve_device)."""
-    from histoduo.accel import resolve_device as resolve
-
-    return str(resolve(device))
-
-
-def default_workers() -> int:
-    """DataLoader workers: one decoder on 2 cores, else one per core but the model's."""
-    return _default_workers(beside_main=True)
 
 
 def tiling_for(

@@ -20,13 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from histoduo.predict.engine import TilePredictor
 from histoduo.predict.outputs import (
-    ERROR_FILE,
     PredictReport,
     SlideOutcome,
-    is_done,
     skipped_outcome,
     write_slide_outputs,
-    write_slides_csv,
 )
 from histoduo.predict.params import PredictParams, tiling_for
 from histoduo.predict.scoring import (
@@ -36,15 +33,18 @@ from histoduo.predict.scoring import (
     scores_from_store,
     tissue_area_mm2,
 )
-from histoduo.prefetch import Prefetcher
-from histoduo.run.errors import HistoduoError
-from histoduo.run.files import atomic_write_text, folder_lock, remove_stale_temporaries
-from histoduo.run.slides import run_slides
+from histoduo.results.layout import ERROR_FILE, SlideSummary, is_done, manifest_name
+from histoduo.results.tables import write_slides_csv
+from histoduo.runtime.errors import HistoduoError
+from histoduo.runtime.files import atomic_write_text, folder_lock, remove_stale_temporaries
+from histoduo.runtime.pool import default_workers
+from histoduo.runtime.prefetch import Prefetcher
+from histoduo.runtime.slides import run_slides
 from histoduo.slide import SlideError
-from histoduo.sources import SlideSource
+from histoduo.slide.sources import SlideSource
 
 if TYPE_CHECKING:
-    from histoduo.checkpoint import CheckpointMeta
+    from histoduo.models.checkpoint import CheckpointMeta
     from histoduo.store import TileStore
     from histoduo.tiling import TilingParams
 
@@ -95,22 +95,22 @@ class _PredictRun:
             )
         t_model = time.perf_counter() - t0
         grade = grade_scores(scores, self.meta, self.params.grade)
-        summary = {
-            "slide": job.name,
-            "path": job.path,
-            "n_tiles": len(scores.probs),
-            "tissue_area_mm2": tissue_area_mm2(scores),
-            "slide_mpp": scores.slide_mpp,
-            "target_mpp": scores.target_mpp,
-            "model_mpp": self.meta.target_mpp,
-            "class_display_names": dict(zip(scores.class_names, scores.display_names)),
-            "tile_size_px": scores.tile_size_px,
-            "tile_size_level0": scores.tile_size_level0,
-            "stride_level0": scores.stride_level0,
-            "checkpoint": str(self.checkpoint),
-            "grade_params": self.params.grade.to_dict(),
-            "seconds_predict": t_model,
-        }
+        summary = SlideSummary(
+            slide=job.name,
+            path=job.path,
+            n_tiles=len(scores.probs),
+            tissue_area_mm2=tissue_area_mm2(scores),
+            slide_mpp=scores.slide_mpp,
+            target_mpp=scores.target_mpp,
+            model_mpp=self.meta.target_mpp,
+            class_display_names=dict(zip(scores.class_names, scores.display_names)),
+            tile_size_px=scores.tile_size_px,
+            tile_size_level0=scores.tile_size_level0,
+            stride_level0=scores.stride_level0,
+            checkpoint=str(self.checkpoint),
+            grade_params=self.params.grade.to_dict(),
+            seconds_predict=t_model,
+        )
         write_slide_outputs(self.out / job.name, scores, grade, summary, self.params.heatmap)
         seconds = time.perf_counter() - t0
         n = len(scores.probs)
@@ -163,7 +163,7 @@ def predict_run(
     first failing slide stops the run (after the manifest and slides.csv are written) by
     raising its SlideError. Raises CheckpointError for files that are not histoduo checkpoints.
     """
-    from histoduo.checkpoint import load_model
+    from histoduo.models.checkpoint import load_model
 
     say = log or (lambda message: None)
     out = Path(out_dir)
@@ -175,7 +175,7 @@ def predict_run(
     predictor = TilePredictor(model, meta, params)
     workers = params.workers
     if workers is None:
-        workers = predictor.default_workers(store=tiles_store is not None)
+        workers = default_workers(predictor.worker_kind(store=tiles_store is not None))
     tiling = tiling_for(meta, params, say)
     run = _PredictRun(out, checkpoint, meta, params, predictor, tiling, workers, overwrite, say)
     try:
@@ -200,8 +200,8 @@ def predict_run(
     manifest = _manifest(checkpoint, meta, params, predictor, workers, run.outcomes, started, shard)
     manifest["tiles_store"] = str(tiles_store) if tiles_store else None
     manifest["overwrite"], manifest["skip_errors"] = overwrite, skip_errors
-    name = "manifest.json" if shard is None else f"manifest.shard-{shard[0]}-of-{shard[1]}.json"
-    from histoduo.report import write_report
+    name = manifest_name(shard)
+    from histoduo.results.report import write_report
 
     # Shards share OUT: rebuild the run-level files one process at a time, so the last shard
     # to finish writes tables that include every other shard's slides.
@@ -222,14 +222,14 @@ def _jobs(
     shard: tuple[int, int] | None,
 ) -> list[_Job]:
     """The slides to predict; opens ``run.store`` when they come from a tile store."""
-    from histoduo.sources import check_output_name
+    from histoduo.slide.sources import check_output_name
 
     if tiles_store is None:
         jobs = [_Job(s.name, str(s.path), s) for s in sources]
         for job in jobs:  # before anything is written or cleared under OUT/<name>
             check_output_name(job.name, job.path)
         return jobs
-    from histoduo.sources import select_shard
+    from histoduo.slide.sources import select_shard
     from histoduo.store import TileStore, require_pixels
 
     run.store = TileStore(tiles_store)

@@ -12,17 +12,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from histoduo.geojson import class_color
 from histoduo.grading import GradeParams, SlideGrade, grade_slide
 from histoduo.predict.engine import SlideTiles, StoreTiles, TilePredictor
 from histoduo.predict.params import PredictParams
-from histoduo.scores import SlideScores
+from histoduo.results.scores import SlideScores
 from histoduo.slide import open_slide
-from histoduo.sources import SlideSource
+from histoduo.slide.geojson import class_color
+from histoduo.slide.sources import SlideSource
 from histoduo.tissue import TissueMask, detect_tissue, require_tissue
 
 if TYPE_CHECKING:
-    from histoduo.checkpoint import CheckpointMeta
+    from histoduo.models.checkpoint import CheckpointMeta
     from histoduo.store import TileStore
     from histoduo.tiling import TilingParams
 
@@ -33,7 +33,7 @@ def class_colors(names: Sequence[str]) -> np.ndarray:
 
 def display_list(meta: CheckpointMeta) -> list[str]:
     """The checkpoint's display names in class order (defaults for unnamed classes)."""
-    from histoduo.display import display_names
+    from histoduo.results.display import display_names
 
     return list(display_names(meta.class_names, meta.class_display_names).values())
 

@@ -2,7 +2,8 @@
 
 Every reader returns RGB uint8 numpy arrays and takes level-0 coordinates, whatever the backend
 (OpenSlide gives RGBA, tiffslide RGB). Areas outside the image read as white, like empty glass.
-Resolution is resolved once, in microns per pixel, following the order of conventions.md.
+Resolution is resolved once, in microns per pixel, in the order the field uses
+(``openslide.mpp-x``, ``aperio.MPP``, ..., TIFF resolution tags; the README lists it).
 
 Modules: ``info`` (names, formats, mpp from metadata), ``base`` (the :class:`Slide` interface),
 ``readers`` (OpenSlide, tiffslide, plain images), ``open`` (choosing a backend, finding slides).

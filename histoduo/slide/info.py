@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from histoduo.run.errors import HistoduoError
+from histoduo.runtime.errors import HistoduoError
 
 BACKENDS = ("auto", "openslide", "tiffslide")
 

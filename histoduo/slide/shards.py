@@ -1,6 +1,6 @@
 """Shards of a cohort: ``--shard K/N``, ``--shard auto`` (a SLURM array job) and shard outputs.
 
-Which slides shard K gets is :func:`histoduo.sources.select_shard` (a hash of the slide name);
+Which slides shard K gets is :func:`histoduo.slide.sources.select_shard` (a hash of the slide name);
 this module only says which K and N a process is, and how its outputs are named:
 
 - ``--shard K/N``: 1-based K of N, given by hand (or by a Snakemake/Nextflow rule per shard).

@@ -22,6 +22,7 @@ leaves every finished slide and the previous index intact, and a rerun touches o
 slides it adds plus the index.
 """
 
+from histoduo.runtime.codec import decode_jpeg, encode_jpeg
 from histoduo.store.layout import (
     IndexEntry,
     clam_dir,
@@ -70,7 +71,6 @@ from histoduo.store.write import (
     write_trident_coords,
     write_trident_file,
 )
-from histoduo.tileio import decode_jpeg, encode_jpeg
 
 __all__ = [
     "FORMAT_NAME",

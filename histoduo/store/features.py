@@ -21,8 +21,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from histoduo.run.errors import HistoduoError
-from histoduo.run.files import atomic_path
+from histoduo.runtime.errors import HistoduoError
+from histoduo.runtime.files import atomic_path
 from histoduo.store.record import group_key
 
 FEATURE_FILE_FORMAT = "histoduo-features"

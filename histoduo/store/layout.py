@@ -11,7 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from histoduo.run.files import atomic_path
+from histoduo.runtime.files import atomic_path
 from histoduo.store.record import (
     SLIDE_FILE_FORMAT,
     SLIDES_GROUP,

@@ -11,6 +11,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from histoduo.runtime.codec import decode_jpeg
+from histoduo.runtime.decode import EncodedBatch, encoded_pixels
 from histoduo.store.layout import IndexEntry, read_index, read_slide_record, store_folder
 from histoduo.store.record import (
     FORMAT_NAME,
@@ -23,7 +25,6 @@ from histoduo.store.record import (
     check_header,
     group_key,
 )
-from histoduo.tileio import decode_jpeg
 
 
 def _v1_complete(path: Path) -> dict[str, SlideRecord]:
@@ -319,3 +320,11 @@ class TileStore:
         if not frames:
             return pd.DataFrame(columns=["slide", "tile", "x", "y", "label"])
         return pd.concat(frames, ignore_index=True)
+
+
+def read_encoded(store: TileStore, slide: str, indices: Sequence[int] | np.ndarray) -> EncodedBatch:
+    """One slide's tiles from a store, undecoded where the store holds JPEG."""
+    blobs = store.read_jpeg_bytes(slide, indices)
+    if blobs is None:
+        return encoded_pixels(store.read_tiles(slide, indices))
+    return EncodedBatch(jpeg=blobs)

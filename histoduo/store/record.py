@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 
 from histoduo import __version__
-from histoduo.run.errors import HistoduoError
+from histoduo.runtime.errors import HistoduoError
 from histoduo.slide import mpp_to_magnification
 
 FORMAT_NAME = "histoduo-tilestore"

@@ -11,7 +11,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from histoduo.run.files import atomic_path, commit_path, temporary_path
+from histoduo.runtime.files import atomic_path, commit_path, temporary_path
 from histoduo.store.layout import (
     IndexEntry,
     read_index,

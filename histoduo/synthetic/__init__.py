@@ -13,9 +13,9 @@ Modules: ``spec`` (the spec and the written slide), ``style`` (noise and class s
 ``layout`` (the truth grid), ``render`` (pixels of any region), ``write`` (files and GeoJSON).
 """
 
-from histoduo.synthetic.layout import label_map
+from histoduo.synthetic.layout import SyntheticSlide, label_map
 from histoduo.synthetic.render import render_region
-from histoduo.synthetic.spec import DEFAULT_CLASSES, SyntheticSlide, SyntheticSlideSpec
+from histoduo.synthetic.spec import DEFAULT_CLASSES, SyntheticSlideSpec
 from histoduo.synthetic.write import (
     truth_feature_collection,
     write_synthetic_cohort,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -156,3 +157,29 @@ def label_map(spec: SyntheticSlideSpec, downsample: float) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # Pixel rendering
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SyntheticSlide:
+    """A written synthetic slide and accessors for its ground truth."""
+
+    path: Path
+    spec: SyntheticSlideSpec
+    truth_geojson: Path
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.spec.class_names
+
+    def label_map(self, downsample: float) -> np.ndarray:
+        """int16 (ceil(H/ds), ceil(W/ds)): 0 background, i+1 = class_names[i]."""
+        return label_map(self.spec, downsample)
+
+    def tissue_mask(self, downsample: float) -> np.ndarray:
+        return self.label_map(downsample) > 0
+
+    def class_area_fractions(self) -> dict[str, float]:
+        """Area of each class as a fraction of tissue area (exact, from the layout)."""
+        lay = _layout(self.spec).labels
+        n = max(int((lay > 0).sum()), 1)
+        return {c: float((lay == i + 1).sum()) / n for i, c in enumerate(self.class_names)}

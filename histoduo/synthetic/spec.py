@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -96,33 +95,3 @@ class SyntheticSlideSpec:
             (_ceil_div(self.level0_width, d), _ceil_div(self.level0_height, d))
             for d in self.level_downsamples_used
         )
-
-
-@dataclass
-class SyntheticSlide:
-    """A written synthetic slide and accessors for its ground truth."""
-
-    path: Path
-    spec: SyntheticSlideSpec
-    truth_geojson: Path
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return self.spec.class_names
-
-    def label_map(self, downsample: float) -> np.ndarray:
-        """int16 (ceil(H/ds), ceil(W/ds)): 0 background, i+1 = class_names[i]."""
-        from histoduo.synthetic.layout import label_map  # layout needs the spec first
-
-        return label_map(self.spec, downsample)
-
-    def tissue_mask(self, downsample: float) -> np.ndarray:
-        return self.label_map(downsample) > 0
-
-    def class_area_fractions(self) -> dict[str, float]:
-        """Area of each class as a fraction of tissue area (exact, from the layout)."""
-        from histoduo.synthetic.layout import _layout
-
-        lay = _layout(self.spec).labels
-        n = max(int((lay > 0).sum()), 1)
-        return {c: float((lay == i + 1).sum()) / n for i, c in enumerate(self.class_names)}

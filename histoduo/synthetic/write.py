@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from histoduo.geojson import Polygon
-from histoduo.run.files import atomic_path, atomic_write_text
-from histoduo.synthetic.layout import _layout
+from histoduo.runtime.files import atomic_path, atomic_write_text
+from histoduo.slide.geojson import Polygon
+from histoduo.synthetic.layout import SyntheticSlide, _layout
 from histoduo.synthetic.render import render_region
-from histoduo.synthetic.spec import SyntheticSlide, SyntheticSlideSpec, _ceil_div
+from histoduo.synthetic.spec import SyntheticSlideSpec, _ceil_div
 
 
 def _mask_polygons(mask: np.ndarray, cell: int, W: int, H: int) -> list[list[list[list[float]]]]:
@@ -55,7 +55,7 @@ def truth_feature_collection(spec: SyntheticSlideSpec) -> dict:
 
     Colours are histoduo's class colours (geojson.class_color), as in every other output.
     """
-    from histoduo.geojson import polygon_feature
+    from histoduo.slide.geojson import polygon_feature
 
     def polygons(rings_of_each: list[list[list[list[float]]]]) -> list[Polygon]:
         return [(np.array(r[0]), [np.array(h) for h in r[1:]]) for r in rings_of_each]

@@ -7,11 +7,11 @@
 - :mod:`~histoduo.tiling.report`: the run report.
 """
 
-from histoduo.run.pool import default_workers
-from histoduo.tileio import read_tile
+from histoduo.runtime.pool import default_workers
 from histoduo.tiling.geometry import TileGeometry, open_overview, plan_tiles, tile_grid
 from histoduo.tiling.labels import Labeller
 from histoduo.tiling.params import ENCODINGS, TilingParams
+from histoduo.tiling.read import read_tile
 from histoduo.tiling.report import SlideResult, TilingReport, summarise
 from histoduo.tiling.run import tile_slides
 

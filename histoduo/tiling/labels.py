@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from histoduo.slide import SlideError
-from histoduo.sources import SlideSource
+from histoduo.slide.sources import SlideSource
 from histoduo.store import StoreError
 from histoduo.tiling.params import TilingParams
 from histoduo.tissue import TissueMask
@@ -33,7 +33,7 @@ class Labeller:
     ) -> Labeller:
         """Classes are ``class_names`` when given (a fixed vocabulary for a cohort), else
         every class name found in the folder's files, sorted."""
-        from histoduo.geojson import read_annotations
+        from histoduo.slide.geojson import read_annotations
 
         folder = Path(annotations_dir)
         if not folder.is_dir():
@@ -61,7 +61,7 @@ class Labeller:
     def labels_for(
         self, source: SlideSource, mask: TissueMask, coords: np.ndarray, size0: int
     ) -> np.ndarray:
-        from histoduo.geojson import rasterize, read_annotations
+        from histoduo.slide.geojson import rasterize, read_annotations
 
         labels = np.full(len(coords), -1, dtype=np.int16)
         path = self.annotation_file(source)
@@ -94,7 +94,7 @@ class Labeller:
 
 def _check_annotations(annotations: list[Any], path: Path, mask: TissueMask) -> None:
     """A self-crossing polygon or one wholly off the slide: a SlideError naming the file."""
-    from histoduo.geojson import check_annotations
+    from histoduo.slide.geojson import check_annotations
 
     if mask.level0_size is not None:
         try:

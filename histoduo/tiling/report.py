@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from histoduo.run.files import atomic_write, atomic_write_text
+from histoduo.runtime.files import atomic_write, atomic_write_text
 
 
 @dataclass

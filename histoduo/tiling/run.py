@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from histoduo import __version__, tileio
-from histoduo.run.errors import HistoduoError
-from histoduo.run.pool import LazyPool, default_workers
-from histoduo.run.progress import SlideProgress
-from histoduo.run.slides import status_of
+from histoduo import __version__
+from histoduo.runtime.errors import HistoduoError
+from histoduo.runtime.pool import LazyPool, default_workers
+from histoduo.runtime.progress import SlideProgress
+from histoduo.runtime.slides import status_of
 from histoduo.slide import SlideError
-from histoduo.sources import SlideSource
+from histoduo.slide.sources import SlideSource
 from histoduo.store import (
     IndexEntry,
     SlideGroupData,
@@ -52,6 +52,7 @@ from histoduo.store import (
     write_trident_coords,
     write_trident_file,
 )
+from histoduo.tiling import read as tileio
 from histoduo.tiling.geometry import TileGeometry, open_overview, plan_tiles, require_tiles
 from histoduo.tiling.labels import Labeller
 from histoduo.tiling.params import TilingParams
@@ -99,7 +100,7 @@ class _TileRun:
 
     def failed(self, source: SlideSource, exc: HistoduoError, status: str, seconds: float) -> None:
         self.results.append(
-            SlideResult(source.name, str(source.path), status, error=exc.reason, seconds=seconds)
+            SlideResult(source.name, str(source.path), status, error=str(exc), seconds=seconds)
         )
         if self.log is not None:
             self.log(f"[red]{exc}[/]")

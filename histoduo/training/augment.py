@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from histoduo.preprocess import eval_transform
+from histoduo.models.preprocess import eval_transform
 from histoduo.training.config import AugmentConfig
 
 # Ruifrok & Johnston's H&E-DAB stain vectors (rows: haematoxylin, eosin, DAB), RGB order.

@@ -27,7 +27,8 @@ class AugmentConfig:
 
 @dataclass
 class TrainConfig:
-    """How a model is trained. ``preset="authors"`` reproduces duoformer.md's recipe."""
+    """How a model is trained. ``preset="authors"`` reproduces the DuoFormer authors' recipe
+    (docs/training.md)."""
 
     epochs: int = 10
     iterations_per_epoch: int | None = None  # None: one pass over the training tiles
@@ -76,7 +77,7 @@ class TrainConfig:
             raise ValueError("val + test fractions must leave slides for training")
         if self.split_by not in ("slide", "patient"):
             raise ValueError(f"split_by must be slide or patient, got {self.split_by!r}")
-        from histoduo.accel import check_decode, check_device_name
+        from histoduo.runtime.device import check_decode, check_device_name
 
         check_device_name(self.device)
         check_decode(self.decode)
@@ -92,9 +93,10 @@ class TrainConfig:
 
     @classmethod
     def authors(cls, **overrides: Any) -> TrainConfig:
-        """The recipe of duoformer.md: Adam 1e-4 / wd 1e-4, OneCycle stepped every
-        iteration, class-balanced batches, 1000 iterations per epoch, jitter 0.1/0.1,
-        0-360 rotation, centre crop 282/400 then random crop, flips; eval centre crop."""
+        """The DuoFormer authors' recipe (docs/training.md, section 5): Adam 1e-4 / wd 1e-4,
+        OneCycle stepped every iteration, class-balanced batches, 1000 iterations per epoch,
+        jitter 0.1/0.1, 0-360 rotation, centre crop 282/400 then random crop, flips; eval
+        centre crop."""
         settings: dict[str, Any] = dict(
             preset="authors",
             optimizer="adam",

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from histoduo.runtime.decode import EncodedBatch, encoded_pixels
 from histoduo.store import UNLABELLED, TileStore
 
 SPLITS = ("train", "val", "test")
@@ -180,7 +181,7 @@ def write_splits(path: Path, table: TileTable, assignment: dict[str, str]) -> No
         .reset_index(name="tiles")
         .assign(split=lambda f: f["group"].map(assignment))
     )
-    from histoduo.run.files import atomic_write
+    from histoduo.runtime.files import atomic_write
 
     with atomic_write(path, "w", newline="") as handle:
         rows[["slide", "group", "split", "tiles"]].to_csv(handle, index=False)
@@ -228,7 +229,7 @@ class TileBatches:
         which run after a resume, produces the batch."""
         import torch
 
-        from histoduo.preprocess import to_tensor_batch
+        from histoduo.models.preprocess import to_tensor_batch
 
         if isinstance(item, tuple):
             batch_seed, rows = item
@@ -341,3 +342,29 @@ class SequentialBatches:
     def __iter__(self) -> Iterator[list[int]]:
         for start in range(0, self.n_rows, self.batch_size):
             yield list(range(start, min(start + self.batch_size, self.n_rows)))
+
+
+class EncodedTileBatches(TileBatches):
+    """:class:`TileBatches` whose workers only read: items are ``(seed, EncodedBatch, labels)``
+    and :func:`device_batches` decodes and transforms them in the main process, with the same
+    per-batch augmentation seed the worker would have used."""
+
+    def read_encoded(self, rows: Sequence[int]) -> EncodedBatch:
+        rows = np.asarray(rows)
+        slides = self.slides[rows]
+        out: list[np.ndarray | None] = [None] * len(rows)
+        for slide in np.unique(slides):
+            where = np.flatnonzero(slides == slide)
+            blobs = self.store.read_jpeg_bytes(str(slide), self.tiles[rows[where]])
+            if blobs is None:  # a raw-pixel slide in the batch: send pixels for all
+                return encoded_pixels(self.read(rows))
+            for position, blob in zip(where, blobs):
+                out[position] = blob
+        return EncodedBatch(jpeg=out)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: Sequence[int] | tuple[int, Sequence[int]]) -> tuple[Any, ...]:
+        import torch
+
+        seed, rows = item if isinstance(item, tuple) else (None, item)
+        labels = torch.as_tensor(self.labels[np.asarray(rows)], dtype=torch.long)
+        return seed, self.read_encoded(rows), labels

@@ -15,7 +15,7 @@ def _predict_rows(model: Any, loader: Any, device: Any, autocast: bool) -> tuple
     """(truth, predicted, mean loss) over a loader, in order."""
     import torch
 
-    from histoduo.decode import device_batches
+    from histoduo.runtime.decode import device_batches
 
     truths, preds, losses, n = [], [], 0.0, 0
     model.eval()
@@ -39,7 +39,7 @@ def train_epoch(
     """One pass over the training batches; the epoch's metrics row (loss, lr, throughput)."""
     import torch
 
-    from histoduo.decode import device_batches
+    from histoduo.runtime.decode import device_batches
 
     config, device, optimizer = session.config, session.device, session.optimizer
     session.sampler.set_epoch(epoch)

@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from histoduo.checkpoint import CheckpointMeta, ClassRoles, load_checkpoint, save_checkpoint
-from histoduo.run.files import atomic_write, atomic_write_text, remove_stale_temporaries
-from histoduo.run.progress import EpochProgress
+from histoduo.grading import ClassRoles
+from histoduo.models.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from histoduo.runtime.files import atomic_write, atomic_write_text, remove_stale_temporaries
+from histoduo.runtime.progress import EpochProgress
 from histoduo.store import TileStore, require_pixels
 from histoduo.training.augment import EvalTransform
 from histoduo.training.config import TrainConfig
@@ -105,8 +106,7 @@ def train(
     """
     import torch
 
-    from histoduo.accel import reset_peak_memory
-    from histoduo.models import maybe_compile
+    from histoduo.runtime.device import maybe_compile, reset_peak_memory
 
     config = config or TrainConfig()
     session = setup_session(
@@ -267,8 +267,8 @@ def _final_report(
     ``rates``: this run's training tiles/s per epoch, for report.json's ``throughput``."""
     import time
 
-    from histoduo.accel import throughput_report
-    from histoduo.checkpoint import load_model
+    from histoduo.models.checkpoint import load_model
+    from histoduo.runtime.device import throughput_report
     from histoduo.training.plots import confusion_matrix_plot
 
     out, table = session.out, session.table
@@ -337,7 +337,7 @@ def evaluate(
     (bf16 weights, channels_last) on tiles decoded there (accel.py, decode.py); batch size
     default 256 on GPU, 64 on CPU.
     """
-    from histoduo.checkpoint import load_model
+    from histoduo.models.checkpoint import load_model
 
     model, meta = load_model(checkpoint, trust=trust_checkpoint)
     store = TileStore(store_path)
@@ -357,8 +357,9 @@ def evaluate(
             raise LabelError(f"{path}: no tiles in split {split!r}")
     import time
 
-    from histoduo.accel import Runtime, default_batch_size, default_workers
-    from histoduo.decode import decode_on_device
+    from histoduo.runtime.decode import decode_on_device
+    from histoduo.runtime.device import Runtime, default_batch_size
+    from histoduo.runtime.pool import default_workers
 
     runtime = Runtime.create(device, precision)
     model = runtime.prepare_model(model)

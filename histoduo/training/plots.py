@@ -18,7 +18,7 @@ def _figure():  # noqa: ANN202
 
 
 def _save(fig, path: Path) -> None:  # noqa: ANN001
-    from histoduo.run.files import atomic_path
+    from histoduo.runtime.files import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")

@@ -58,7 +58,7 @@ class _Dist:
 
 
 def _device(name: str, dist: _Dist) -> Any:
-    from histoduo.accel import resolve_device
+    from histoduo.runtime.device import resolve_device
 
     return resolve_device(name, dist.local_rank)
 
@@ -74,9 +74,9 @@ def _seed_everything(seed: int) -> None:
 def _workers(config: TrainConfig) -> int:
     if config.num_workers is not None:
         return config.num_workers
-    from histoduo.run.pool import available_cores
+    from histoduo.runtime.pool import default_workers
 
-    return max(0, min(4, available_cores() - 1))
+    return default_workers("training")
 
 
 def _loader(dataset: TileBatches, sampler: Any, workers: int, device: Any = None) -> Any:
@@ -85,9 +85,9 @@ def _loader(dataset: TileBatches, sampler: Any, workers: int, device: Any = None
     import torch
     from torch.utils.data import DataLoader
 
-    from histoduo.accel import loader_options
-    from histoduo.run.pool import pool_context
-    from histoduo.tileio import WORKER_PRELOAD
+    from histoduo.runtime.device import loader_options
+    from histoduo.runtime.pool import pool_context
+    from histoduo.tiling.read import WORKER_PRELOAD
 
     return DataLoader(
         dataset,
@@ -107,7 +107,7 @@ def _dataset(
     store_path: Path, rows: pd.DataFrame, transform: Any, encoded: bool = False
 ) -> TileBatches:
     """Workers decode + transform, or (``encoded``) only read, for the GPU (decode.py)."""
-    from histoduo.decode import EncodedTileBatches
+    from histoduo.training.data import EncodedTileBatches
 
     return (EncodedTileBatches if encoded else TileBatches)(
         store_path,
@@ -272,7 +272,7 @@ def setup_session(
 
     dist, device, owns_group = _runtime(config)
     autocast = config.bf16 == "on" or (config.bf16 == "auto" and device.type == "cuda")
-    from histoduo.decode import decode_on_device
+    from histoduo.runtime.decode import decode_on_device
 
     encoded = decode_on_device(config.decode, device)  # the GPU decodes and augments
     store, table, split_of, train_rows, val_rows, test_rows = _data(store_path, config)
