@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -127,28 +128,39 @@ def _slides_rows(path: Path) -> list[dict[str, str]]:
     return sorted(rows, key=lambda r: r["slide"])
 
 
-def test_array_jobs_tile_merge_and_predict_like_one_process(
-    cluster: dict[str, str], cohort: Path, checkpoint: Path, tmp_path: Path
-) -> None:
-    reference = tmp_path / "reference"
-    store = reference / "tiles.h5"
-    quiet = ["--workers", "0", "--quiet"]
-    _histoduo("tile", cohort / "cohort.csv", "--out", store, *TILE_ARGS, *quiet, cwd=tmp_path)
-    _histoduo("predict", "--tiles", store, "--model", checkpoint,
-              "--out", reference / "predictions", *quiet, cwd=tmp_path)  # fmt: skip
-
-    # tile array -> afterok merge -> afterok predict array, as a lab would submit them
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def array_run(
+    cluster: dict[str, str],
+    cohort: Path,
+    checkpoint: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
+    """tile array -> afterok merge -> afterok predict array, as submit_cohort.sh submits them."""
+    folder = tmp_path_factory.mktemp("slurm_run")
+    out = folder / "run"
     env = {
         **cluster,
         "SUBMIT_WAIT": "1",
         "SBATCH_ARGS": " ".join(JOB_ARGS),
         "TILE_ARGS": " ".join(TILE_ARGS),
-        "PREDICT_ARGS": "--workers 0",
+        "PREDICT_ARGS": "--workers 0 --no-heatmap",  # maps cost time and are not compared
     }
     cmd = [TEMPLATES / "submit_cohort.sh", cohort / "cohort.csv", out, checkpoint, str(SHARDS)]
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr + _logs(tmp_path)
+    result = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr + _logs(folder)
+    return out
+
+
+def test_array_jobs_tile_merge_and_predict_like_one_process(
+    array_run: Path, cohort: Path, checkpoint: Path, tmp_path: Path
+) -> None:
+    reference = tmp_path / "reference"
+    store = reference / "tiles.h5"
+    quiet = ["--workers", "0", "--quiet"]
+    _histoduo("tile", cohort / "cohort.csv", "--out", store, *TILE_ARGS, *quiet, cwd=tmp_path)
+    _histoduo("predict", "--tiles", store, "--model", checkpoint, "--no-heatmap",
+              "--out", reference / "predictions", *quiet, cwd=tmp_path)  # fmt: skip
+    out = array_run
 
     # Each task tiled its own shard into its own store; together they are the cohort.
     parts = [out / f"tiles.shard-{k}-of-{SHARDS}.h5" for k in range(1, SHARDS + 1)]
@@ -213,3 +225,37 @@ def test_a_failing_shard_holds_back_the_merge(
     statuses = {r["slide"]: r["status"] for rep in reports.values() for r in rep["slides"]}
     assert statuses["broken"] == "error", reports
     assert _logs(tmp_path).count("broken.svs") >= 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_under_srun_trains_on_the_merged_store(
+    cluster: dict[str, str], array_run: Path, tmp_path: Path
+) -> None:
+    """train.sbatch: srun starts torchrun, torchrun two CPU ranks (gloo), rank 0 writes."""
+    labels = {"case0": "normal", "case1": "tumour", "case3": "normal", "case4": "tumour"}
+    splits = {"case0": "train", "case1": "train", "case3": "val", "case4": "val"}
+    slide_labels = tmp_path / "labels.csv"
+    slide_labels.write_text("slide,label\n" + "".join(f"{k},{v}\n" for k, v in labels.items()))
+    splits_csv = tmp_path / "splits.csv"
+    splits_csv.write_text("slide,split\n" + "".join(f"{k},{v}\n" for k, v in splits.items()))
+    env = {**cluster, "NPROC_PER_NODE": "2", "RDZV_PORT": str(_free_port())}
+    model = ["--backbone", "resnet18", "--freeze-backbone", "--input-size", "64",
+             "--patch-size", "32", "--embed-dim", "32", "--scale-depth", "1", "--patch-depth", "1",
+             "--scale-heads", "2", "--patch-heads", "2"]  # fmt: skip
+    cmd = ["sbatch", "--wait", "--cpus-per-task=2", "--mem=2G", "--time=10",
+           TEMPLATES / "train.sbatch", array_run, "--device", "cpu", *model, "--epochs", "1",
+           "--iterations", "2", "--batch-size", "4", "--workers", "0", "--quiet",
+           "--slide-labels", slide_labels, "--splits", splits_csv]  # fmt: skip
+    result = subprocess.run(
+        list(map(str, cmd)), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr + _logs(tmp_path)
+    train = array_run / "train"
+    assert (train / "best.pt").exists()
+    report = json.loads((train / "report.json").read_text())
+    assert report["throughput"]["world_size"] == 2  # two processes trained, not one
