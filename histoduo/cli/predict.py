@@ -180,6 +180,7 @@ def predict_command(
     from histoduo.grading import GradeParams, UncertaintyParams
     from histoduo.models.checkpoint import CheckpointError
     from histoduo.slide import SlideError
+    from histoduo.slide.shards import shard_output
     from histoduo.slide.sources import collect_sources, parse_shard, select_shard
     from histoduo.store import StoreError
 
@@ -220,6 +221,7 @@ def predict_command(
             ),
         )
         shard_kn = parse_shard(shard)
+        out = shard_output(out, shard_kn)  # {shard} -> K-of-N; shards may share one folder
         sources = []
         if slides:
             sources = select_shard(collect_sources(list(slides), slide_mpp), shard_kn)

@@ -37,17 +37,39 @@ def _sources(slides: list[str], slide_mpp: float | None, shard: str | None):  # 
     from histoduo.slide.sources import collect_sources, parse_shard, select_shard
 
     try:
-        sources = select_shard(collect_sources(slides, slide_mpp), parse_shard(shard))
+        kn = parse_shard(shard)
+        everything = collect_sources(slides, slide_mpp)
+        sources = select_shard(everything, kn)
     except (ValueError, FileNotFoundError) as exc:
         raise fail(str(exc)) from None
     missing = [s for s in sources if not s.path.exists()]
     if missing and len(sources) == len(missing):
         raise fail(f"{missing[0].path}: file not found")
+    if not sources and kn is not None and everything:
+        # An empty shard is normal (few slides, many shards): it succeeds with nothing to do,
+        # so a SLURM array's afterok still lets the merge run.
+        _console(stderr=True).print(
+            f"shard {kn[0]}/{kn[1]}: none of the {len(everything)} slides falls in this shard"
+        )
+        return []
     if not sources:
         raise fail(
             f"no slides found in {', '.join(slides)}" + (f" (shard {shard})" if shard else "")
         )
     return sources
+
+
+def _shard_out(out: Path, shard: str | None, *, single_file: bool) -> Path:
+    """``--out`` for this shard: ``{shard}`` filled in (and, for a store, a per-shard name
+    under ``--shard auto``)."""
+    from histoduo.slide.shards import shard_output, shard_store_path
+    from histoduo.slide.sources import parse_shard
+
+    try:
+        kn = parse_shard(shard)
+        return shard_store_path(out, shard, kn) if single_file else shard_output(out, kn)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
 
 
 @app.command("info")
@@ -192,6 +214,7 @@ def tile_command(
     except ValueError as exc:
         raise fail(str(exc)) from None
     sources = _sources(slides, slide_mpp, shard)
+    out = _shard_out(out, shard, single_file=True)
     console = _console(stderr=True)
     try:
         report = tile_slides(

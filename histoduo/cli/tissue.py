@@ -44,7 +44,7 @@ def tissue_command(
     """Detect tissue; write <name>_mask.png, <name>_overlay.png and <name>_tissue.geojson."""
     from rich.console import Console
 
-    from histoduo.cli.slides import _sources
+    from histoduo.cli.slides import _shard_out, _sources
     from histoduo.slide.geojson import read_annotations
     from histoduo.tissue.run import tissue_slides
 
@@ -54,6 +54,7 @@ def tissue_command(
         )
         roi_annotations = read_annotations(roi) if roi is not None else None
         sources = _sources(slides, slide_mpp, shard)
+        out = _shard_out(out, shard, single_file=False)
         report = tissue_slides(
             sources,
             out,

@@ -37,7 +37,7 @@ from histoduo.predict.scoring import (
 from histoduo.results.layout import ERROR_FILE, SlideSummary, is_done, manifest_name
 from histoduo.results.tables import write_slides_csv
 from histoduo.runtime.errors import HistoduoError
-from histoduo.runtime.files import atomic_write_text, remove_stale_temporaries
+from histoduo.runtime.files import atomic_write_text, folder_lock, remove_stale_temporaries
 from histoduo.runtime.pool import default_workers
 from histoduo.runtime.prefetch import Prefetcher
 from histoduo.runtime.slides import run_slides
@@ -270,7 +270,6 @@ def predict_run(
         if run.store is not None:
             run.store.close()
 
-    csv_path = write_slides_csv(out)
     manifest = _manifest(
         checkpoint=checkpoint,
         meta=meta,
@@ -284,10 +283,14 @@ def predict_run(
     manifest["tiles_store"] = str(tiles_store) if tiles_store else None
     manifest["overwrite"], manifest["skip_errors"] = overwrite, skip_errors
     name = manifest_name(shard)
-    atomic_write_text(out / name, json.dumps(manifest, indent=2, default=str))
     from histoduo.results.report import write_report
 
-    write_report(out)  # after the manifest: the report names the model from it
+    # Shards share OUT: rebuild the run-level files one process at a time, so the last shard
+    # to finish writes tables that include every other shard's slides.
+    with folder_lock(out):
+        csv_path = write_slides_csv(out)
+        atomic_write_text(out / name, json.dumps(manifest, indent=2, default=str))
+        write_report(out)  # after the manifest: the report names the model from it
     report = PredictReport(str(out), run.outcomes, str(out / name), str(csv_path))
     if first_error is not None:
         raise first_error

@@ -119,3 +119,24 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     with atomic_write(path, "wb") as handle:
         handle.write(data)
     return Path(path)
+
+
+@contextmanager
+def folder_lock(folder: str | Path, name: str = ".histoduo.lock") -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` (a hidden lock file in it) for the block.
+
+    For the files several processes rebuild in one folder (shards of an array job writing one
+    results folder): whoever takes the lock last rebuilds from everything finished before it,
+    so the last shard to finish leaves complete tables. ``flock`` is released by the kernel
+    when a holder dies, so a killed job never leaves the folder locked; on NFS it becomes a
+    POSIX lock, which Linux clients share across hosts.
+    """
+    import fcntl
+
+    path = Path(folder) / name
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield path
+    finally:
+        os.close(fd)  # closing drops the lock

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from histoduo.slide import find_slides, unsafe_name_reason
+from histoduo.slide.shards import parse_shard_text
 
 
 @dataclass(frozen=True)
@@ -91,17 +92,11 @@ def check_output_name(name: str, where: str | Path) -> None:
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """'K/N' (1-based K) -> (K, N); None passes through."""
-    if text is None:
-        return None
-    try:
-        k_text, n_text = text.split("/")
-        k, n = int(k_text), int(n_text)
-    except ValueError:
-        raise ValueError(f"--shard must look like K/N (e.g. 2/8), got {text!r}") from None
-    if n < 1 or not 1 <= k <= n:
-        raise ValueError(f"--shard K/N needs 1 <= K <= N, got {text!r}")
-    return k, n
+    """'K/N' (1-based K), 'auto' or 'auto/N' (a SLURM array task) -> (K, N); None passes through.
+
+    Raises ValueError (histoduo.slide.shards.ShardError) saying what is wrong.
+    """
+    return parse_shard_text(text)
 
 
 def select_shard(sources: list[SlideSource], shard: tuple[int, int] | None) -> list[SlideSource]:
