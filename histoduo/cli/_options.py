@@ -76,6 +76,7 @@ Workers = Annotated[
         show_default=False,
     ),
 ]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 JsonOutput = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 OutFile = Annotated[Path, typer.Option("--out", "-o", help="Output file.")]

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from histoduo.cli._app import app, fail
-from histoduo.cli._options import Quiet
+from histoduo.cli._options import Device, Quiet
 
 
 @app.command("demo")
@@ -24,7 +24,7 @@ def demo_command(
     slide_size: Annotated[
         int, typer.Option("--slide-size", help="Width of each synthetic slide in level-0 px.")
     ] = 4096,
-    device: Annotated[str, typer.Option("--device", help="auto, cuda or cpu.")] = "auto",
+    device: Device = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed for slides, splits and model.")] = 0,
     quiet: Quiet = False,
 ) -> None:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from histoduo.cli._app import app, fail
-from histoduo.cli._options import JsonOutput, Overwrite, Quiet, SkipErrors
+from histoduo.cli._options import Device, JsonOutput, Overwrite, Quiet, SkipErrors
 
 EncoderName = Annotated[
     str,
@@ -80,7 +80,7 @@ def embed_command(
         int | None,
         typer.Option("--batch-size", help="Tiles per batch (256 GPU, 64 CPU).", show_default=False),
     ] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Device = "auto",
     precision: Annotated[
         str, typer.Option("--precision", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16.")
     ] = "auto",

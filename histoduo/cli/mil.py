@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from histoduo.cli._app import app, fail
-from histoduo.cli._options import Quiet
+from histoduo.cli._options import Device, Quiet
 from histoduo.training.mil.config import MILConfig  # no torch: --help stays instant
 
 # The defaults --help shows are the library's (MILConfig's field defaults).
@@ -82,7 +82,6 @@ Threads = Annotated[
     int | None,
     typer.Option("--threads", help="torch CPU threads (default: torch's).", show_default=False),
 ]
-MilDevice = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of splits, sampling and weights.")]
 Resume = Annotated[
     bool, typer.Option("--resume", help="Continue the run in --out from its last.pt.")
@@ -109,7 +108,7 @@ def train_mil_command(
     max_train_tiles: MaxTrainTiles = MIL_DEFAULTS["max_train_tiles"],
     workers: BagWorkers = MIL_DEFAULTS["num_workers"],
     threads: Threads = MIL_DEFAULTS["threads"],
-    device: MilDevice = MIL_DEFAULTS["device"],
+    device: Device = MIL_DEFAULTS["device"],
     seed: Seed = MIL_DEFAULTS["seed"],
     resume: Resume = False,
     quiet: Quiet = False,

@@ -10,6 +10,7 @@ import typer
 from histoduo.cli._app import app, fail
 from histoduo.cli._options import (
     Backend,
+    Device,
     MinTissue,
     Overwrite,
     QCMode,
@@ -19,7 +20,14 @@ from histoduo.cli._options import (
     SlideMpp,
     TrustCheckpoint,
 )
+from histoduo.grading import GradeParams, UncertaintyParams
+from histoduo.predict.params import PredictParams
 from histoduo.qc.params import DEFAULT_QC_MODE
+
+# The defaults --help shows are the library's (these modules import no torch).
+PREDICT_DEFAULTS = PredictParams()
+GRADE_DEFAULTS = GradeParams()
+UNCERTAINTY_DEFAULTS = UncertaintyParams()
 
 SlideModelOption = Annotated[
     Path | None,
@@ -65,7 +73,7 @@ def predict_command(
             "--heatmap/--no-heatmap",
             help="Draw class, probability and grade maps (report.html shows them).",
         ),
-    ] = True,
+    ] = PREDICT_DEFAULTS.heatmap,
     mpp: Annotated[
         float | None,
         typer.Option(
@@ -87,18 +95,18 @@ def predict_command(
             show_default=False,
         ),
     ] = None,
-    min_tissue: MinTissue = 0.25,
+    min_tissue: MinTissue = PREDICT_DEFAULTS.min_tissue_fraction,
     tta: Annotated[bool, typer.Option("--tta", help="Average over flipped tiles (4x cost).")] = (
-        False
+        PREDICT_DEFAULTS.tta
     ),
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Device = PREDICT_DEFAULTS.device,
     precision: Annotated[
         str,
         typer.Option("--precision", help="auto (bf16 weights on GPU, fp32 on CPU), fp32, bf16."),
-    ] = "auto",
+    ] = PREDICT_DEFAULTS.precision,
     compile_model: Annotated[
         bool, typer.Option("--compile", help="torch.compile the model (long GPU runs).")
-    ] = False,
+    ] = PREDICT_DEFAULTS.compile,
     batch_size: Annotated[
         int | None,
         typer.Option(
@@ -126,20 +134,20 @@ def predict_command(
             "--min-grade-fraction",
             help="A grade decides only if it covers at least this fraction of the tumour area.",
         ),
-    ] = 0.05,
+    ] = GRADE_DEFAULTS.min_grade_fraction,
     min_grade_tiles: Annotated[
         int, typer.Option("--min-grade-tiles", help="... and at least this many tiles.")
-    ] = 3,
+    ] = GRADE_DEFAULTS.min_grade_tiles,
     min_tumour_fraction: Annotated[
         float,
         typer.Option(
             "--min-tumour-fraction",
             help="Below this tumour fraction of the tissue the slide is called 'no tumour'.",
         ),
-    ] = 0.01,
+    ] = GRADE_DEFAULTS.min_tumour_fraction,
     min_tumour_tiles: Annotated[
         int, typer.Option("--min-tumour-tiles", help="... or below this many tumour tiles.")
-    ] = 3,
+    ] = GRADE_DEFAULTS.min_tumour_tiles,
     min_confidence: Annotated[
         float,
         typer.Option(
@@ -147,7 +155,7 @@ def predict_command(
             help="Calls less confident than this are flagged uncertain (with other reasons: "
             "docs/prediction.md).",
         ),
-    ] = 0.6,
+    ] = UNCERTAINTY_DEFAULTS.min_confidence,
     backend: Backend = "auto",
     slide_mpp: SlideMpp = None,
     skip_errors: SkipErrors = False,

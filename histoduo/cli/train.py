@@ -37,13 +37,12 @@ from histoduo.cli._model_options import (
     model_config_from_options,
     resolve_architecture,
 )
-from histoduo.cli._options import Quiet, TrainQC, TrustCheckpoint
+from histoduo.cli._options import Device, Quiet, TrainQC, TrustCheckpoint
 from histoduo.training.config import TrainConfig
 
 TRAIN_DEFAULTS = TrainConfig()  # the defaults --help shows are the library's
 
 Store = Annotated[Path, typer.Argument(help="Tile store with labelled tiles.")]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 SlideLabels = Annotated[
     Path | None,
     typer.Option(
@@ -206,7 +205,7 @@ def train_command(
             "--workers", help="DataLoader workers (default: min(4, cores - 1)).", show_default=False
         ),
     ] = None,
-    device: Device = "auto",
+    device: Device = TRAIN_DEFAULTS.device,
     seed: Annotated[int, typer.Option("--seed")] = TRAIN_DEFAULTS.seed,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
     trust_checkpoint: TrustCheckpoint = False,
