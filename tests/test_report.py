@@ -165,7 +165,7 @@ def test_template_ships_as_package_data() -> None:
     globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-data"
     ]["histoduo"]
-    templates = list((ROOT / "histoduo" / "templates").iterdir())
+    templates = list((ROOT / "histoduo" / "results" / "templates").iterdir())
     assert templates
     for path in templates:
         rel = path.relative_to(ROOT / "histoduo")
