@@ -397,3 +397,18 @@ def test_synth_cohort_command(tmp_path: Path) -> None:
     labels = pd.read_csv(tmp_path / "c" / "slides.csv")
     assert list(labels["label"]) == ["low_grade", "high_grade"]
     assert all((tmp_path / "c" / f"{s}.svs").is_file() for s in labels["slide"])
+
+
+def test_early_stopping_counts_across_a_resume(cohort, tmp_path: Path) -> None:  # noqa: ANN001
+    """Patience 2 with a learning rate too small to change the validation call: the run stops
+    two epochs after its best; a run interrupted one epoch after its best and resumed must
+    stop at the same epoch (not count its patience from zero again)."""
+    settings = dict(lr=1e-9, early_stopping_patience=2)
+    whole = train_mil(_config(cohort, tmp_path / "w", epochs=8, **settings), progress=False)
+    stopped_at = whole.report["epochs_run"]
+    assert stopped_at < 8 and stopped_at == whole.report["best_epoch"] + 2
+    train_mil(_config(cohort, tmp_path / "r", epochs=stopped_at - 1, **settings), progress=False)
+    resumed = train_mil(
+        _config(cohort, tmp_path / "r", epochs=8, **settings), resume=True, progress=False
+    )
+    assert resumed.report["epochs_run"] == stopped_at

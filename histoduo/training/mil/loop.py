@@ -210,7 +210,7 @@ def _train_one(
     )
     sampler = EpochSlides(train_rows["label"].to_numpy(), config.seed, config.balanced_sampler)
     loader = _loader(BagDataset(train_rows["path"], train_rows["label"]), sampler, config)
-    stale = 0
+    stale = _epochs_since_best(history)  # a resumed run keeps counting toward its patience
     with EpochProgress(progress) as bars:
         for epoch in range(start, config.epochs + 1):
             sampler.set_epoch(epoch)
@@ -218,7 +218,7 @@ def _train_one(
             evaluation = evaluate(run, val_rows, want_attention=False)
             row.update({f"val_{k}": v for k, v in evaluation.scores.items()})
             history.append(row)
-            score = (row["val_balanced_accuracy"], -row["val_loss"])
+            score = _score(row)
             improved = score > best
             best, stale = (score, 0) if improved else (best, stale + 1)
             _save_epoch(run, row, epoch, best, history, improved)
@@ -334,6 +334,19 @@ def _save_epoch(
         save_checkpoint(run.out / "best.pt", state, meta)
     save_checkpoint(run.out / "last.pt", state, meta, train_state)
     _write_metrics(run.out, history)
+
+
+def _score(row: dict[str, Any]) -> tuple[float, float]:
+    """What model selection maximises: validation balanced accuracy, then minus its loss."""
+    return (row["val_balanced_accuracy"], -row["val_loss"])
+
+
+def _epochs_since_best(history: list[dict[str, Any]]) -> int:
+    if not history:
+        return 0
+    scores = [_score(row) for row in history]
+    first_best = max(range(len(scores)), key=lambda i: (scores[i], -i))  # strict gains only
+    return len(scores) - 1 - first_best
 
 
 def _restore(run: MILRun, say: Callable[[str], None]) -> tuple[int, tuple[float, float], list]:
