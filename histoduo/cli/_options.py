@@ -72,6 +72,7 @@ Workers = Annotated[
         "--workers",
         help="Worker processes (default: CPU count; 0 = in-process).",
         show_default=False,
+        min=0,
     ),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]

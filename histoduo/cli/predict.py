@@ -91,6 +91,7 @@ def predict_command(
             help="Tile-reading worker processes (default: 1 on <= 2 "
             "cores, else cores - 1; 0 = in-process).",
             show_default=False,
+            min=0,
         ),
     ] = None,
     threads: Annotated[

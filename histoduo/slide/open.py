@@ -129,5 +129,12 @@ def find_slides(inputs: list[str | Path]) -> list[Path]:
             found.append(path)
     unique: dict[str, Path] = {}
     for p in found:
-        unique.setdefault(str(p.resolve()), p)
+        try:
+            key = p.resolve(strict=False)
+        except (OSError, RuntimeError):  # RuntimeError: Python < 3.13's symlink loop
+            raise ValueError(
+                f"{p}: symlink loop (the link points, through other links, back to itself); "
+                "fix or remove the link"
+            ) from None
+        unique.setdefault(str(key), p)
     return list(unique.values())

@@ -9,6 +9,7 @@ QuPath ROI to intersect with, or replace, the detected mask.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,18 @@ class TissueParams:
     max_hole_area_um2: float = 20000.0
     exclude_pen: bool = False
     closing_um: float = 8.0
+
+    def __post_init__(self) -> None:
+        # NaN passes every comparison, so a bad value must be refused here, not downstream.
+        for name in ("mask_mpp", "smoothing_um", "min_object_area_um2", "max_hole_area_um2",
+                     "closing_um", "min_saturation"):  # fmt: skip
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (name == "mask_mpp" and value == 0):
+                bound = "positive" if name == "mask_mpp" else ">= 0"
+                raise ValueError(f"tissue {name} must be finite and {bound}, got {value}")
+        threshold = self.saturation_threshold
+        if threshold is not None and not (math.isfinite(threshold) and 0 <= threshold <= 1):
+            raise ValueError(f"tissue saturation threshold must be in 0-1, got {threshold}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
