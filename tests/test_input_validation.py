@@ -5,6 +5,7 @@ correct result. Runs through the real CLI like test_faults.py."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,124 @@ def test_csv_absurd_mpp(slides: Path, tmp_path: Path, mpp: str) -> None:
     assert not (tmp_path / "t.h5").exists()
     fails("tile", slides / "s0.svs", "--slide-mpp", mpp, "-o", tmp_path / "t.h5", *TILE,
           mentions=("--slide-mpp", "mpp"))  # fmt: skip
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+def _rewrite_meta(source: Path, target: Path, change) -> Path:  # noqa: ANN001
+    """A copy of a checkpoint whose JSON header has ``change(header)`` applied; the tensors
+    stay as they are (what a hand-edited or hostile file looks like)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    header = json.loads(metadata["histoduo"])
+    change(header)
+    metadata["histoduo"] = json.dumps(header)
+    save_file(tensors, str(target), metadata=metadata)
+    return target
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from test_faults import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", ["normal", "tumour"])
+
+
+def _config_change(**changes: object):  # noqa: ANN202
+    def change(header: dict) -> None:
+        header["meta"]["model_config"].update(changes)
+
+    return change
+
+
+def _meta_change(**changes: object):  # noqa: ANN202
+    def change(header: dict) -> None:
+        header["meta"].update(changes)
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (_config_change(scale_depth=10**6), ("scale_depth", "0-64", "1000000")),
+        (_config_change(embed_dim=10**6), ("embed_dim", "1-8192")),
+        (_config_change(embed_dim="32"), ("embed_dim", "integer")),
+        (_config_change(stages=[2, 3, 10**9]), ("stages",)),
+        (_config_change(mlp_ratio=float("nan")), ("mlp_ratio",)),
+        (_meta_change(target_mpp="1.0"), ("target_mpp", "number")),
+        (_meta_change(tile_size_px=10**9), ("tile_size_px", "8-8192")),
+        (_meta_change(std=[0.0, 0.2, 0.2]), ("std",)),
+    ],
+)
+def test_checkpoint_header_validated_before_building(
+    checkpoint: Path, slides: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change, words
+) -> None:  # noqa: ANN001
+    import histoduo.models as models
+    import histoduo.models.factory as factory
+
+    bad = _rewrite_meta(checkpoint, tmp_path / "bad.pt", change)
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was built from an unchecked config")
+
+    # Refused from the header alone: the builder is never reached.
+    monkeypatch.setattr(factory, "build_model", never)
+    monkeypatch.setattr(models, "build_model", never)
+    fails("predict", "-m", bad, slides / "s0.svs", "-o", tmp_path / "p", "--device", "cpu",
+          "--workers", "0", "-q", mentions=("bad.pt", *words))  # fmt: skip
+    fails("model-info", "--checkpoint", bad, "--no-memory", mentions=("bad.pt", *words))
+    assert not (tmp_path / "p" / "s0").exists()
+
+
+def test_checkpoint_weights_of_other_shapes(checkpoint: Path, tmp_path: Path) -> None:
+    from histoduo.models.checkpoint import CheckpointError, load_model
+
+    # The config says D 64, the tensors were saved for D 32: caught on the meta device.
+    bad = _rewrite_meta(checkpoint, tmp_path / "wide.pt", _config_change(embed_dim=64))
+    with pytest.raises(CheckpointError, match=r"wide\.pt.*other shapes"):
+        load_model(bad)
+
+
+def test_checkpoint_nan_weights(slides: Path, tmp_path: Path) -> None:
+    import torch
+    from model_configs import tiny
+    from test_faults import _meta
+
+    from histoduo.models import build_model
+    from histoduo.models.checkpoint import save_checkpoint
+
+    state = build_model(tiny(num_classes=2)).state_dict()
+    name = next(k for k, v in state.items() if v.is_floating_point() and "weight" in k)
+    state[name] = torch.full_like(state[name], float("nan"))
+    path = save_checkpoint(tmp_path / "nan.pt", state, _meta(["normal", "tumour"]))
+    text = fails("predict", "-m", path, slides / "s0.svs", "-o", tmp_path / "p",
+                 "--device", "cpu", "--workers", "0", "-q", mentions=("nan.pt", "NaN"))  # fmt: skip
+    assert "DataLoader" not in text
+
+
+def test_checkpoint_huge_or_truncated_header_and_folder(checkpoint: Path, tmp_path: Path) -> None:
+    import struct
+
+    from histoduo.models.checkpoint import CheckpointError, load_checkpoint
+
+    huge = tmp_path / "huge.pt"
+    huge.write_bytes(struct.pack("<Q", 200_000_000) + b'{"a": 1}' + b" " * 100)
+    with pytest.raises(CheckpointError, match=r"huge\.pt.*header claims 200,000,000 bytes"):
+        load_checkpoint(huge)
+    cut = tmp_path / "cut.pt"
+    data = checkpoint.read_bytes()
+    (header_bytes,) = struct.unpack("<Q", data[:8])
+    cut.write_bytes(data[: 8 + header_bytes // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.pt.*truncated"):
+        load_checkpoint(cut)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    os.link(checkpoint, folder / "best.pt")
+    with pytest.raises(CheckpointError, match=r"run: is a folder.*best\.pt"):
+        load_checkpoint(folder)
+    fails("predict", "-m", folder, checkpoint, "-o", tmp_path / "p", "--device", "cpu", "-q",
+          mentions=("run", "folder", "best.pt"))  # fmt: skip
