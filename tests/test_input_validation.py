@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,89 @@ def test_checkpoint_huge_or_truncated_header_and_folder(checkpoint: Path, tmp_pa
         load_checkpoint(folder)
     fails("predict", "-m", folder, checkpoint, "-o", tmp_path / "p", "--device", "cpu", "-q",
           mentions=("run", "folder", "best.pt"))  # fmt: skip
+
+
+# --- full and read-only disks -------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path: Path):  # noqa: ANN201
+    """A mounted tmpfs of a given size (root only: CI runs as root)."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    mounted: list[Path] = []
+
+    def mount(name: str, size: str, *, read_only: bool = False) -> Path:
+        point = tmp_path / name
+        point.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
+                              capture_output=True, text=True)  # fmt: skip
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=True)
+
+
+def test_full_disk_during_tile(slides: Path, small_disk, tmp_path: Path) -> None:  # noqa: ANN001
+    import histoduo.runtime.files as files
+
+    raw = ["--tile-size", "64", "--mpp", "0.5", "--encoding", "raw", "--workers", "0", "-q"]
+    succeeds("tile", slides / "s0.svs", "-o", tmp_path / "alone.h5", *raw)
+    one_slide = sum(f.stat().st_size for f in tmp_path.glob("alone.h5*") if f.is_file()) + sum(
+        f.stat().st_size for f in (tmp_path / "alone.h5.d").rglob("*") if f.is_file()
+    )
+    disk = small_disk("full", "6m")
+    out = disk / "t.h5"
+    # Room for slide s0 beyond the writers' reserve, not for s1.
+    free = shutil.disk_usage(disk).free
+    # (A writer wants twice each block free: HDF5 may write it again when the file closes.)
+    (disk / "ballast").write_bytes(b"\0" * (free - files.DISK_RESERVE_BYTES - 2 * one_slide))
+    text = fails("tile", slides / "s0.svs", slides / "s1.svs", "-o", out, *raw,
+                 mentions=("s1.h5", "no space left"))  # fmt: skip
+    assert text.count("no space left") == 1  # printed once
+    assert "1 finished slide(s) were saved" in text
+    # The store lists the finished slide, which reads back whole; nothing half-written.
+    assert TileStore(out).slides == ["s0"] and len(TileStore(out).coords("s0")) > 0
+    assert not leftovers(disk)
+    report = json.loads((disk / "t.h5.report.json").read_text())
+    assert [(s["slide"], s["status"]) for s in report["slides"]] == [
+        ("s0", "done"), ("s1", "write-failed")]  # fmt: skip
+    # --skip-errors does not march on through a full disk either.
+    (disk / "ballast").unlink()
+    (disk / "ballast").write_bytes(b"\0" * (free - files.DISK_RESERVE_BYTES - 20_000))
+    fails("tile", slides / "s1.svs", slides / "s0.svs", "-o", disk / "u.h5", "--skip-errors",
+          *raw, mentions=("s1.h5", "no space left"))  # fmt: skip
+    assert no_store_slides(disk / "u.h5") and not leftovers(disk)
+
+
+def test_read_only_output_for_tile_and_merge(slides: Path, small_disk, tmp_path: Path) -> None:  # noqa: ANN001
+    store = tmp_path / "a.h5"
+    succeeds("tile", slides / "s0.svs", "-o", store, "--dry-run", *TILE)
+    disk = small_disk("ro", "1m", read_only=True)
+    text = fails("tile", slides / "s0.svs", "-o", disk / "t.h5", *TILE,
+                 mentions=(str(disk), "read-only"))  # fmt: skip
+    assert "Traceback" not in text and text.count("read-only") == 1
+    fails("merge", store, "-o", disk / "m.h5", mentions=(str(disk), "read-only"))
+    assert not list(disk.iterdir())
+
+
+# --- merge ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_merge_with_a_broken_slide_file(slides: Path, tmp_path: Path, damage: str) -> None:
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    succeeds("tile", slides / "s0.svs", "-o", a, *TILE)
+    succeeds("tile", slides / "s1.svs", "-o", b, *TILE)
+    broken = tmp_path / "b.h5.d" / "clam" / "patches" / "s1.h5"
+    if damage == "missing":
+        broken.unlink()
+    else:
+        data = broken.read_bytes()
+        broken.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out.h5"
+    fails("merge", a, b, "-o", out, mentions=("s1.h5", damage))
+    assert not out.exists() and not (tmp_path / "out.h5.d").exists()
