@@ -293,3 +293,88 @@ def test_merge_with_a_broken_slide_file(slides: Path, tmp_path: Path, damage: st
     out = tmp_path / "out.h5"
     fails("merge", a, b, "-o", out, mentions=("s1.h5", damage))
     assert not out.exists() and not (tmp_path / "out.h5.d").exists()
+
+
+# --- GeoJSON annotations --------------------------------------------------------------------
+def _feature(geometry: dict, name: object = "tumour") -> dict:
+    return {"type": "Feature", "geometry": geometry,
+            "properties": {"objectType": "annotation", "classification": {"name": name}}}  # fmt: skip
+
+
+_SQUARE = {"type": "Polygon", "coordinates": [[[0, 0], [200, 0], [200, 200], [0, 200], [0, 0]]]}
+
+
+def _tile_with(slides: Path, tmp_path: Path, text: str | bytes) -> tuple[Path, list[object]]:
+    folder = tmp_path / "annotations"
+    folder.mkdir()
+    target = folder / "s0.geojson"
+    target.write_bytes(text if isinstance(text, bytes) else text.encode())
+    out = tmp_path / "t.h5"
+    return out, ["tile", slides / "s0.svs", "-o", out, "--annotations", folder, "--dry-run",
+                 *TILE]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [({"a": 1}, ("classification name must be a string", '{"a": 1}')),
+     ([1, 2], ("classification name must be a string",)),
+     (2.5, ("classification name must be a string", "2.5"))],
+)  # fmt: skip
+def test_geojson_class_name_not_a_string(
+    slides: Path, tmp_path: Path, name: object, words: tuple[str, ...]
+) -> None:
+    text = json.dumps({"type": "FeatureCollection", "features": [_feature(_SQUARE, name)]})
+    out, command = _tile_with(slides, tmp_path, text)
+    fails(*command, mentions=("s0.geojson", *words))
+    assert no_store_slides(out)
+
+
+def test_geojson_class_name_integer_is_that_class(slides: Path, tmp_path: Path) -> None:
+    text = json.dumps({"type": "FeatureCollection", "features": [_feature(_SQUARE, 3)]})
+    out, command = _tile_with(slides, tmp_path, text)
+    succeeds(*command)
+    assert TileStore(out).class_names == ["3"]
+
+
+def test_geojson_nested_too_deep(slides: Path, tmp_path: Path) -> None:
+    depth = 100_000
+    out, command = _tile_with(slides, tmp_path, "[" * depth + "]" * depth)
+    fails(*command, mentions=("s0.geojson", "nested too deeply"))
+    collection: dict = _SQUARE
+    for _ in range(40):  # GeometryCollections in GeometryCollections, JSON-parseable
+        collection = {"type": "GeometryCollection", "geometries": [collection]}
+    (tmp_path / "annotations" / "s0.geojson").write_text(
+        json.dumps({"type": "FeatureCollection", "features": [_feature(collection)]})
+    )
+    fails(*command, mentions=("s0.geojson", "nested more than"))
+    assert no_store_slides(out)
+
+
+@pytest.mark.parametrize("value", ["1e150", "NaN", "Infinity", "-1e12"])
+def test_geojson_absurd_coordinates(slides: Path, tmp_path: Path, value: str) -> None:
+    ring = f"[[0, 0], [{value}, 0], [200, 200], [0, 200], [0, 0]]"
+    text = (
+        '{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": '
+        f'{{"type": "Polygon", "coordinates": [{ring}]}}, "properties": '
+        '{"classification": {"name": "tumour"}}}]}'
+    )
+    out, command = _tile_with(slides, tmp_path, text)
+    fails(*command, mentions=("s0.geojson", "coordinates"))
+    assert no_store_slides(out)
+
+
+def test_geojson_points_and_lines_are_warned_about(slides: Path, tmp_path: Path) -> None:
+    features = [
+        _feature(_SQUARE),
+        _feature({"type": "Point", "coordinates": [10, 10]}),
+        _feature({"type": "LineString", "coordinates": [[0, 0], [50, 50]]}),
+    ]
+    text = json.dumps({"type": "FeatureCollection", "features": features})
+    # With a byte-order mark, as some Windows tools write it: accepted.
+    out, command = _tile_with(slides, tmp_path, b"\xef\xbb\xbf" + text.encode())
+    from test_faults import cli
+
+    result = cli(*command)
+    assert result.exit_code == 0, result.output
+    assert "ignored 2 point/line annotation(s)" in " ".join(result.output.split())
+    assert TileStore(out).class_names == ["tumour"]
