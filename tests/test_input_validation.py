@@ -297,8 +297,8 @@ def test_merge_with_a_broken_slide_file(slides: Path, tmp_path: Path, damage: st
 
 # --- GeoJSON annotations --------------------------------------------------------------------
 def _feature(geometry: dict, name: object = "tumour") -> dict:
-    return {"type": "Feature", "geometry": geometry,
-            "properties": {"objectType": "annotation", "classification": {"name": name}}}  # fmt: skip
+    properties = {"objectType": "annotation", "classification": {"name": name}}
+    return {"type": "Feature", "geometry": geometry, "properties": properties}
 
 
 _SQUARE = {"type": "Polygon", "coordinates": [[[0, 0], [200, 0], [200, 200], [0, 200], [0, 0]]]}
