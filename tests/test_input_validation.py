@@ -378,3 +378,39 @@ def test_geojson_points_and_lines_are_warned_about(slides: Path, tmp_path: Path)
     assert result.exit_code == 0, result.output
     assert "ignored 2 point/line annotation(s)" in " ".join(result.output.split())
     assert TileStore(out).class_names == ["tumour"]
+
+
+# --- heatmap -----------------------------------------------------------------------------------
+def _scored_run(tmp_path: Path) -> Path:
+    from test_heatmap import _scores
+
+    run = tmp_path / "run"
+    for name in ("a", "b"):
+        (run / name).mkdir(parents=True)
+        _scores().save(run / name / "scores.npz")
+        (run / name / "summary.json").write_text("{}")
+    return run
+
+
+def test_heatmap_truncated_scores(tmp_path: Path) -> None:
+    run = _scored_run(tmp_path)
+    data = (run / "b" / "scores.npz").read_bytes()
+    (run / "b" / "scores.npz").write_bytes(data[: len(data) // 2])
+    fails("heatmap", run, mentions=("b/scores.npz", "truncated"))
+    fails("heatmap", run / "b", mentions=("b/scores.npz", "truncated"))
+    assert not leftovers(tmp_path)
+
+
+def test_heatmap_slide_without_scores(tmp_path: Path) -> None:
+    run = _scored_run(tmp_path)
+    (run / "b" / "scores.npz").unlink()
+    fails("heatmap", run, mentions=("b/scores.npz", "not found", "1 slide folder(s)"))
+    assert list((run / "a").glob("*.png"))  # the others are still redrawn
+
+
+def test_convert_checkpoint_onto_a_folder(checkpoint: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    fails("convert-checkpoint", checkpoint, folder, "--trust-checkpoint",
+          mentions=("models", "folder"))  # fmt: skip
+    assert list(folder.iterdir()) == []

@@ -444,6 +444,11 @@ def load_model(
 
 def convert_checkpoint(source: str | Path, target: str | Path) -> Path:
     """Resave a (trusted) format-1 pickle checkpoint as a safetensors checkpoint."""
+    if Path(target).is_dir():
+        raise CheckpointError(
+            target,
+            f"is a folder; give the new checkpoint's file name (e.g. {Path(target) / 'model.pt'})",
+        )
     payload = load_checkpoint(source, trust=True)
     meta = CheckpointMeta.from_dict(payload["meta"])
     return save_checkpoint(target, payload["model_state"], meta, payload.get("train_state"))
