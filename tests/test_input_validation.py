@@ -414,3 +414,17 @@ def test_convert_checkpoint_onto_a_folder(checkpoint: Path, tmp_path: Path) -> N
     fails("convert-checkpoint", checkpoint, folder, "--trust-checkpoint",
           mentions=("models", "folder"))  # fmt: skip
     assert list(folder.iterdir()) == []
+
+
+# --- unclear messages made clear -----------------------------------------------------------
+def test_truncated_real_aperio_is_called_truncated(real_slide: Path, tmp_path: Path) -> None:
+    # Aperio writes its first image directory at the end: a cut copy has no directory at all,
+    # which readers reported as an "unsupported format".
+    data = real_slide.read_bytes()
+    cut = tmp_path / "cut.svs"
+    cut.write_bytes(data[: len(data) // 2])
+    for command in (["info", cut], ["tile", cut, "-o", tmp_path / "t.h5", *TILE]):
+        text = fails(*command, mentions=("cut.svs", "truncated", "first image directory"))
+        message = text.split("cut.svs:", 1)[1]
+        assert "unsupported" not in message and message.count("truncated") == 1
+    assert no_store_slides(tmp_path / "t.h5")

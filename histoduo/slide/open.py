@@ -64,15 +64,56 @@ def open_slide(path: str | Path, backend: str = "auto", mpp_override: float | No
     return slide
 
 
+_TIFF_MAGIC = {b"II*\x00": ("<", False), b"MM\x00*": (">", False),
+               b"II+\x00": ("<", True), b"MM\x00+": (">", True)}  # fmt: skip
+
+
+def _tiff_header_problem(path: Path, size: int) -> str | None:
+    """Why a file that starts like a TIFF cannot be one (cut short before its first image
+    directory, as an interrupted copy of an Aperio file is: Aperio writes that directory at
+    the end); None when the header is sound or the file is no TIFF (the reader then says)."""
+    import struct
+
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    kind = _TIFF_MAGIC.get(head[:4])
+    if kind is None:
+        return None
+    order, big = kind
+    if big:
+        if len(head) < 16:
+            return f"truncated: only {size} bytes, less than a BigTIFF header"
+        (first_ifd,) = struct.unpack(order + "Q", head[8:16])
+    else:
+        if len(head) < 8:
+            return f"truncated: only {size} bytes, less than a TIFF header"
+        (first_ifd,) = struct.unpack(order + "I", head[4:8])
+    if first_ifd >= size:
+        return (
+            f"truncated: its first image directory is at byte {first_ifd:,} but the file has "
+            f"only {size:,} bytes (an incomplete copy or download?)"
+        )
+    return None
+
+
 def check_tiff_file(path: Path) -> None:
     """Reject TIFF-based slides that are cut short or are not brightfield RGB, before a read.
 
     Readers report neither well: a truncated file opens and reads missing tiles as blank
     glass, and a fluorescence QPTIFF opens as its first grey channel.
     """
+    import logging
+
     import tifffile
 
     size = os.path.getsize(path)
+    reason = _tiff_header_problem(path, size)
+    if reason is not None:
+        raise SlideError(path, reason)
+    # tifffile logs every bad offset it meets; the SlideError below says it once.
+    tiff_log = logging.getLogger("tifffile")
+    level = tiff_log.level
+    tiff_log.setLevel(logging.ERROR + 1)
     try:
         with tifffile.TiffFile(path) as tif:
             pages = list(tif.pages)
@@ -86,8 +127,10 @@ def check_tiff_file(path: Path) -> None:
             channels = sum(
                 1 for p in pages if p.shape == first.shape and int(p.samplesperpixel) == samples
             )
-    except Exception:  # noqa: BLE001 - not parseable as TIFF: the slide reader says why
+    except Exception:  # noqa: BLE001 - not parseable by tifffile: the slide reader says why
         return
+    finally:
+        tiff_log.setLevel(level)
     end = max(ends, default=0)
     if end > size:
         raise SlideError(
