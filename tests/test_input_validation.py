@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_faults import TILE, fails, leftovers, no_store_slides, succeeds
 
@@ -427,4 +428,21 @@ def test_truncated_real_aperio_is_called_truncated(real_slide: Path, tmp_path: P
         text = fails(*command, mentions=("cut.svs", "truncated", "first image directory"))
         message = text.split("cut.svs:", 1)[1]
         assert "unsupported" not in message and message.count("truncated") == 1
+    assert no_store_slides(tmp_path / "t.h5")
+
+
+def test_dicom_without_image_type_says_what_is_missing(tmp_path: Path) -> None:
+    pydicom = pytest.importorskip("pydicom")
+    from test_faults import _write_dicom_wsi
+
+    dicom = tmp_path / "dicom" / "slide.dcm"
+    dicom.parent.mkdir()
+    _write_dicom_wsi(dicom, np.full((128, 128, 3), 200, np.uint8), mpp=0.5)
+    ds = pydicom.dcmread(dicom)
+    del ds.ImageType  # as some exporters write it; OpenSlide and wsidicom both need it
+    ds.save_as(dicom)
+    for command in (["info", dicom], ["tile", dicom, "-o", tmp_path / "t.h5", *TILE]):
+        text = fails(*command, mentions=("slide.dcm", "without the required attribute(s)",
+                                         "ImageType"))  # fmt: skip
+        assert "image flavor" not in text
     assert no_store_slides(tmp_path / "t.h5")
