@@ -446,3 +446,44 @@ def test_dicom_without_image_type_says_what_is_missing(tmp_path: Path) -> None:
                                          "ImageType"))  # fmt: skip
         assert "image flavor" not in text
     assert no_store_slides(tmp_path / "t.h5")
+
+
+def _lying_tiff(path: Path, *, tiled: bool) -> Path:
+    """A 256 x 256 px TIFF (a few hundred kB) whose header says 200,000 x 200,000 px."""
+    import struct
+
+    import tifffile
+
+    layout = {"tile": (256, 256)} if tiled else {"rowsperstrip": 64}
+    tifffile.imwrite(path, np.full((256, 256, 3), 200, np.uint8), photometric="rgb",
+                     resolution=(2e4, 2e4), resolutionunit="CENTIMETER", **layout)  # fmt: skip
+    data = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tif:
+        for code in (256, 257):  # ImageWidth, ImageLength as one LONG each
+            struct.pack_into("<HHII", data, tif.pages[0].tags[code].offset, code, 4, 1, 200_000)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("tiled", [True, False], ids=["tiled", "stripped"])
+def test_tiff_header_claiming_200000_px_is_refused(tmp_path: Path, tiled: bool) -> None:
+    liar = _lying_tiff(tmp_path / "liar.tif", tiled=tiled)
+    # Before: minutes of blank reads without a word (tiled) or a 112 GiB allocation (strips).
+    for command in (["info", liar], ["tile", liar, "-o", tmp_path / "t.h5", *TILE]):
+        fails(*command, mentions=("liar.tif", "claims 200,000 x 200,000 px", "holds only"))
+    assert no_store_slides(tmp_path / "t.h5")
+
+
+def test_overview_of_a_huge_level_is_bounded(slides: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import histoduo.slide.base as base
+    from histoduo.slide import SlideError, open_slide
+
+    # An honest slide whose coarsest level is above the bound is refused, not decoded for
+    # hours: checked with the bound lowered below this small slide's smallest level.
+    with open_slide(slides / "s0.svs") as slide:
+        smallest = min(w * h for w, h in slide.level_dimensions)
+        monkeypatch.setattr(base, "MAX_OVERVIEW_LEVEL_PX", smallest - 1)
+        with pytest.raises(SlideError, match=r"s0\.svs.*coarsest usable level.*pyramid"):
+            slide.thumbnail(64)
+        monkeypatch.setattr(base, "MAX_OVERVIEW_LEVEL_PX", smallest)
+        assert slide.thumbnail(64)[0].ndim == 3

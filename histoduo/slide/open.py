@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from histoduo.slide.base import Slide
 from histoduo.slide.info import (
@@ -96,6 +97,32 @@ def _tiff_header_problem(path: Path, size: int) -> str | None:
     return None
 
 
+def _missing_chunks(page: Any) -> str | None:
+    """Why a TIFF page's header cannot be true: it claims more pixels than it has tiles or
+    strips for (a file that says 200,000 x 200,000 px and holds one tile would otherwise be
+    read as hours of blank glass); None when the counts agree."""
+    tags = getattr(page, "tags", None)
+    if tags is None:
+        return None
+    width, height = int(page.imagewidth), int(page.imagelength)
+    separate = int(getattr(page, "planarconfig", 1)) == 2
+    planes = int(page.samplesperpixel) if separate else 1
+    if page.is_tiled:
+        tag = tags.get(324)  # TileOffsets
+        tile_w, tile_h = int(page.tilewidth), int(page.tilelength)
+        expected = -(-width // tile_w) * -(-height // tile_h) * planes * int(page.imagedepth or 1)
+    else:
+        tag = tags.get(273)  # StripOffsets
+        rows = min(int(page.rowsperstrip or height), height) or 1
+        expected = -(-height // rows) * planes
+    if tag is None or tag.count >= expected:
+        return None
+    return (
+        f"corrupt: its header claims {width:,} x {height:,} px, which needs {expected:,} "
+        f"{'tiles' if page.is_tiled else 'strips'}, but it holds only {tag.count:,}"
+    )
+
+
 def check_tiff_file(path: Path) -> None:
     """Reject TIFF-based slides that are cut short or are not brightfield RGB, before a read.
 
@@ -127,10 +154,13 @@ def check_tiff_file(path: Path) -> None:
             channels = sum(
                 1 for p in pages if p.shape == first.shape and int(p.samplesperpixel) == samples
             )
+            short = next(filter(None, (_missing_chunks(p) for p in pages)), None)
     except Exception:  # noqa: BLE001 - not parseable by tifffile: the slide reader says why
         return
     finally:
         tiff_log.setLevel(level)
+    if short is not None:
+        raise SlideError(path, short)
     end = max(ends, default=0)
     if end > size:
         raise SlideError(
