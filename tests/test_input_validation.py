@@ -487,3 +487,10 @@ def test_overview_of_a_huge_level_is_bounded(slides: Path, monkeypatch: pytest.M
             slide.thumbnail(64)
         monkeypatch.setattr(base, "MAX_OVERVIEW_LEVEL_PX", smallest)
         assert slide.thumbnail(64)[0].ndim == 3
+
+
+def test_read_only_output_for_predict(checkpoint: Path, slides: Path, small_disk) -> None:  # noqa: ANN001
+    disk = small_disk("ro", "1m", read_only=True)
+    text = fails("predict", "-m", checkpoint, slides / "s0.svs", "-o", disk / "p", "--device",
+                 "cpu", "--workers", "0", "-q", mentions=(str(disk), "read-only"))  # fmt: skip
+    assert "Errno" not in text and text.count("read-only") == 1
