@@ -33,8 +33,8 @@ def slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
     [
         ("--label-coverage", "2", ("label coverage", "(0, 1]", "2")),
         ("--label-coverage", "nan", ("label coverage",)),
-        ("--mask-mpp", "nan", ("mask_mpp", "finite")),
-        ("--mask-mpp", "0", ("mask_mpp", "positive")),
+        ("--mask-mpp", "nan", ("mask mpp", "positive", "nan")),
+        ("--mask-mpp", "0", ("mask mpp", "positive")),
         ("--workers", "-3", ("--workers", "greater than or equal to 0")),
     ],
 )
@@ -156,7 +156,7 @@ def test_checkpoint_header_validated_before_building(
     monkeypatch.setattr(models, "build_model", never)
     fails("predict", "-m", bad, slides / "s0.svs", "-o", tmp_path / "p", "--device", "cpu",
           "--workers", "0", "-q", mentions=("bad.pt", *words))  # fmt: skip
-    fails("model-info", "--checkpoint", bad, "--no-memory", mentions=("bad.pt", *words))
+    fails("model-info", "--model", bad, "--no-memory", mentions=("bad.pt", *words))
     assert not (tmp_path / "p" / "s0").exists()
 
 
@@ -428,6 +428,7 @@ def test_truncated_real_aperio_is_called_truncated(real_slide: Path, tmp_path: P
         text = fails(*command, mentions=("cut.svs", "truncated", "first image directory"))
         message = text.split("cut.svs:", 1)[1]
         assert "unsupported" not in message and message.count("truncated") == 1
+        assert "were saved" not in text  # no slide was finished, so none was saved
     assert no_store_slides(tmp_path / "t.h5")
 
 

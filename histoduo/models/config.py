@@ -47,7 +47,7 @@ MAX_STAGES = 8
 MAX_NAME_CHARS = 200  # backbone names and weight paths
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelConfig:
     """Architecture of a histoduo classifier; defaults are the authors' best DuoFormer run.
 

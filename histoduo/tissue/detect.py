@@ -38,7 +38,7 @@ _GLASS_MIN_CHANNEL = 0.92
 _LOG_EPS = 0.01
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TissueParams:
     """Tissue detection settings; units in the names; JSON-able via dataclasses.asdict."""
 
@@ -52,13 +52,14 @@ class TissueParams:
     closing_um: float = 8.0
 
     def __post_init__(self) -> None:
-        # NaN passes every comparison, so a bad value must be refused here, not downstream.
-        for name in ("mask_mpp", "smoothing_um", "min_object_area_um2", "max_hole_area_um2",
-                     "closing_um", "min_saturation"):  # fmt: skip
+        if not (self.mask_mpp > 0 and math.isfinite(self.mask_mpp)):
+            raise ValueError(f"mask mpp must be a positive number of um/px, got {self.mask_mpp}")
+        for name in ("min_object_area_um2", "max_hole_area_um2", "smoothing_um", "closing_um"):
             value = getattr(self, name)
-            if not math.isfinite(value) or value < 0 or (name == "mask_mpp" and value == 0):
-                bound = "positive" if name == "mask_mpp" else ">= 0"
-                raise ValueError(f"tissue {name} must be finite and {bound}, got {value}")
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if not (0 <= self.min_saturation <= 1):  # also refuses NaN
+            raise ValueError(f"min_saturation must be in 0-1, got {self.min_saturation}")
         threshold = self.saturation_threshold
         if threshold is not None and not (math.isfinite(threshold) and 0 <= threshold <= 1):
             raise ValueError(f"tissue saturation threshold must be in 0-1, got {threshold}")
