@@ -74,6 +74,7 @@ Workers = Annotated[
         "--workers",
         help="Worker processes (default: CPU count; 0 = in-process).",
         show_default=False,
+        min=0,
     ),
 ]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]

@@ -120,6 +120,7 @@ def predict_command(
             help="Tile-reading worker processes (default: 1 on <= 2 "
             "cores, else cores - 1; 0 = in-process).",
             show_default=False,
+            min=0,
         ),
     ] = None,
     threads: Annotated[
@@ -259,7 +260,11 @@ def predict_command(
     except SlideError as exc:
         raise fail(f"{exc} (see {out / 'manifest.json'}; --skip-errors goes on)") from exc
     except (RuntimeError, ValueError, OSError) as exc:
-        raise fail(str(exc)) from exc
+        from histoduo.runtime.errors import output_error
+
+        # A full or read-only disk: one line naming the file (or at least --out).
+        disk = output_error(exc, out) if isinstance(exc, OSError) else None
+        raise fail(str(disk or exc)) from None
     done = sum(o.status == "done" for o in report.outcomes)
     skipped = sum(o.status == "skipped" for o in report.outcomes)
     log(

@@ -235,7 +235,8 @@ def tile_command(
     except StoreUpgradeNeeded as exc:
         raise fail(str(exc)) from None
     except (SlideError, StoreError, ValueError) as exc:
-        raise fail(f"{exc}\n(finished slides were saved; rerun to resume)") from None
+        # tile_slides has logged how many finished slides were saved (when any were).
+        raise fail(str(exc)) from None
     summary = summarise(report)
     console.print(
         f"[green]{summary['tiles']:,} tiles[/] from {summary['slides']} slide(s) in {out} "

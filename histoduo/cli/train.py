@@ -202,7 +202,10 @@ def train_command(
     workers: Annotated[
         int | None,
         typer.Option(
-            "--workers", help="DataLoader workers (default: min(4, cores - 1)).", show_default=False
+            "--workers",
+            help="DataLoader workers (default: min(4, cores - 1)).",
+            show_default=False,
+            min=0,
         ),
     ] = None,
     device: Device = TRAIN_DEFAULTS.device,

@@ -27,6 +27,8 @@ when unpickled; :func:`load_checkpoint` reads them only with ``trust=True``
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,11 +78,54 @@ class CheckpointMeta:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CheckpointMeta:
+        """The metadata of a checkpoint file, type- and range-checked (ValueError/TypeError
+        saying which field): every value here sizes a model or a tiling run."""
+        if not isinstance(data, dict):
+            raise TypeError(f"meta must be a JSON object, got {type(data).__name__}")
         data = dict(data)
-        data["class_display_names"] = {
-            str(k): str(v) for k, v in (data.get("class_display_names") or {}).items()
-        }
-        return cls(**data)
+        names = data.get("class_display_names") or {}
+        if not isinstance(names, dict):
+            raise TypeError("class_display_names must be a JSON object")
+        data["class_display_names"] = {str(k): str(v) for k, v in names.items()}
+        meta = cls(**data)
+        meta.validate()
+        return meta
+
+    def validate(self) -> None:
+        """ValueError naming the first field that is of the wrong type or out of range."""
+
+        def number(name: str, value: Any, low: float, high: float) -> None:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if not (math.isfinite(value) and low <= value <= high):
+                raise ValueError(f"{name} must be in {low:g}-{high:g}, got {value}")
+
+        number("target_mpp", self.target_mpp, 1e-3, 1000.0)
+        for name in ("tile_size_px", "input_size_px"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            number(name, value, 8, 8192)
+        if isinstance(self.epoch, bool) or not isinstance(self.epoch, numbers.Integral):
+            raise ValueError(f"epoch must be an integer, got {self.epoch!r}")
+        if not isinstance(self.model_config, dict):
+            raise ValueError("model_config must be a JSON object")
+        if (
+            not isinstance(self.class_names, list)
+            or not 1 <= len(self.class_names) <= 10_000
+            or not all(isinstance(n, str) and n for n in self.class_names)
+        ):
+            raise ValueError(f"class_names must be a list of names, got {self.class_names!r:.80}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if not isinstance(values, list) or not 1 <= len(values) <= 64:
+                raise ValueError(f"{name} must be a list of per-channel numbers, got {values!r}")
+            for value in values:
+                number(name, value, -1e6 if name == "mean" else 1e-12, 1e6)
+        if self.eval_resize not in ("resize", "center_crop"):
+            raise ValueError(f"eval_resize must be resize or center_crop, got {self.eval_resize!r}")
+        if not isinstance(self.class_roles, dict):
+            raise ValueError("class_roles must be a JSON object")
 
     @property
     def roles(self) -> ClassRoles:
@@ -232,6 +277,8 @@ def _load_safetensors(path: Path, map_location: str) -> dict[str, Any]:
                     f"checkpoint format {version} is newer than this histoduo; upgrade histoduo",
                 )
             header = json.loads(metadata["histoduo"])
+            # Check what sizes the model before a single tensor is read.
+            check_meta(path, header.get("meta") if isinstance(header, dict) else None)
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
     except CheckpointError:
         raise
@@ -254,6 +301,47 @@ def _load_safetensors(path: Path, map_location: str) -> dict[str, Any]:
     return payload
 
 
+def check_meta(path: Path, meta: Any) -> CheckpointMeta:
+    """The checkpoint's metadata and model config, validated, or a CheckpointError naming
+    the file and the field (a config asking for 10**6 layers never reaches the builder)."""
+    from histoduo.models.config import ModelConfig
+
+    try:
+        parsed = CheckpointMeta.from_dict(meta)
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(path, f"checkpoint metadata is incomplete ({exc})") from exc
+    except ValueError as exc:
+        raise CheckpointError(path, f"checkpoint metadata is not usable: {exc}") from exc
+    try:
+        ModelConfig.from_dict(parsed.model_config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(path, f"the stored model config is not usable ({exc})") from exc
+    return parsed
+
+
+def _unreadable_reason(path: Path) -> str:
+    """Why a file that is neither safetensors nor a torch file was not read, in words."""
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) == 9 and head[8:9] == b"{":
+        (header_bytes,) = struct.unpack("<Q", head[:8])
+        if header_bytes > MAX_HEADER_BYTES:
+            return (
+                f"its safetensors header claims {header_bytes:,} bytes, more than the "
+                f"{MAX_HEADER_BYTES // 1_000_000} MB safetensors allows: the file is corrupt "
+                "or not a checkpoint"
+            )
+        if 8 + header_bytes > size:
+            return (
+                f"the file is truncated: its safetensors header claims {header_bytes:,} bytes "
+                f"but the file has {size:,} (an interrupted copy or download?)"
+            )
+    return "not a histoduo checkpoint (neither a safetensors nor a torch file)"
+
+
 def load_checkpoint(
     path: str | Path, map_location: str = "cpu", *, trust: bool = False
 ) -> dict[str, Any]:
@@ -262,6 +350,10 @@ def load_checkpoint(
     Pickled (format 1) files load only with ``trust``: unpickling can execute code.
     """
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.pt"))
+        hint = f" (it holds {', '.join(inside[:3])}: pass one of them)" if inside else ""
+        raise CheckpointError(path, f"is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(path, "checkpoint not found")
     try:
@@ -279,14 +371,52 @@ def load_checkpoint(
     elif path.stat().st_size == 0:
         raise CheckpointError(path, "the file is empty (0 bytes)")
     else:
-        raise CheckpointError(
-            path, "not a histoduo checkpoint (neither a safetensors nor a torch file)"
-        )
-    try:
-        CheckpointMeta.from_dict(payload["meta"])
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError(path, f"checkpoint metadata is incomplete ({exc})") from exc
+        raise CheckpointError(path, _unreadable_reason(path))
+    if not isinstance(payload.get("meta"), dict):
+        raise CheckpointError(path, "checkpoint metadata is incomplete (no 'meta')")
+    check_meta(path, payload["meta"])
     return payload
+
+
+def _check_weights(path: Path, config: Any, state: dict[str, Any]) -> None:
+    """Names, shapes and finiteness of the stored weights against the stored config, on a
+    model built on torch's meta device (shapes only, no memory), before the real build."""
+    import torch
+
+    from histoduo.models import build_model
+
+    with torch.device("meta"):
+        expected = build_model(config).state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append(f"{len(wrong)} tensors have other shapes ({'; '.join(wrong[:3])})")
+        if missing:
+            parts.append(f"{len(missing)} missing ({', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])})")
+        raise CheckpointError(
+            path, f"weights do not fit the stored model config: {'; '.join(parts)}"
+        )
+    bad = [
+        k
+        for k, v in state.items()
+        if v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all())
+    ]
+    if bad:
+        raise CheckpointError(
+            path,
+            f"{len(bad)} weight tensors hold NaN or infinite values (e.g. {bad[0]}): the "
+            "training that wrote this checkpoint diverged; use an earlier checkpoint or "
+            "retrain with a lower learning rate",
+        )
 
 
 def load_model(
@@ -306,6 +436,7 @@ def load_model(
     # The state dict holds the backbone; never re-read the original weights file.
     try:
         config = ModelConfig.from_dict(meta.model_config).replace(backbone_weights=None)
+        _check_weights(Path(path), config, payload["model_state"])
         model = build_model(config)
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(path, f"the stored model config is not usable ({exc})") from exc
@@ -319,6 +450,11 @@ def load_model(
 
 def convert_checkpoint(source: str | Path, target: str | Path) -> Path:
     """Resave a (trusted) format-1 pickle checkpoint as a safetensors checkpoint."""
+    if Path(target).is_dir():
+        raise CheckpointError(
+            target,
+            f"is a folder; give the new checkpoint's file name (e.g. {Path(target) / 'model.pt'})",
+        )
     payload = load_checkpoint(source, trust=True)
     meta = CheckpointMeta.from_dict(payload["meta"])
     return save_checkpoint(target, payload["model_state"], meta, payload.get("train_state"))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -19,6 +21,32 @@ SCALE_TOKENS: tuple[str, ...] = ("learned", "conv", "first", "mean")
 PATCH_BLOCKS: tuple[str, ...] = ("faithful", "prenorm")
 BLOCK_ORDERS: tuple[str, ...] = ("sequential", "interleaved")
 INTERACTION_INS: tuple[str, ...] = ("scale", "patch", "both")
+
+# Inclusive bounds of the integer and float fields. A checkpoint's config is read from a file
+# someone handed us and the model is built from it: a header asking for 10**6 blocks or a
+# 10**6-wide embedding must be refused before anything is allocated. The bounds are far
+# above any model this package trains (the DuoFormer paper's largest: 8 blocks, D 768).
+INT_BOUNDS: dict[str, tuple[int, int]] = {
+    "num_classes": (1, 10_000),
+    "input_size_px": (8, 8192),
+    "in_chans": (1, 64),
+    "patch_size_px": (1, 4096),
+    "embed_dim": (1, 8192),
+    "scale_depth": (0, 64),
+    "scale_heads": (1, 128),
+    "patch_depth": (0, 64),
+    "patch_heads": (1, 128),
+    "acp_levels": (0, 16),
+    "cat_concepts": (0, 4096),
+}
+FLOAT_BOUNDS: dict[str, tuple[float, float]] = {
+    "mlp_ratio": (0.0, 64.0),  # exclusive of 0: a hidden width of 0 is no MLP
+    "dropout": (0.0, 1.0),
+    "attn_dropout": (0.0, 1.0),
+    "drop_path": (0.0, 1.0),
+}
+MAX_STAGES = 8
+MAX_NAME_CHARS = 200  # backbone names and weight paths
 
 
 @dataclass(kw_only=True)
@@ -75,6 +103,7 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, kept verbatim
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.stages is not None:
             self.stages = tuple(int(s) for s in self.stages)
         for name, value, allowed in (
@@ -102,6 +131,52 @@ class ModelConfig:
         if self.backbone_weights in ("", "none", "None"):
             self.backbone_weights = None
 
+    def _check_types(self) -> None:
+        """Every field of the right type and within bounds (ValueError naming the field).
+
+        Runs before anything else so a config read from a file fails here, in microseconds,
+        instead of as an allocator error (or the OOM killer) while the model is built.
+        """
+        for name, (low, high) in INT_BOUNDS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be in {low}-{high}, got {value}")
+        for name, (low, high) in FLOAT_BOUNDS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if not (math.isfinite(value) and low <= value <= high):
+                raise ValueError(f"{name} must be in {low:g}-{high:g}, got {value}")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        for name in ("arch", "backbone", "scale_token", "patch_block", "block_order",
+                     "interaction_in"):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, str) or len(value) > MAX_NAME_CHARS:
+                raise ValueError(f"{name} must be a short string, got {str(value)[:80]!r}")
+        weights = self.backbone_weights
+        if weights is not None and not isinstance(weights, str):
+            raise ValueError(f"backbone_weights must be a path string, got {weights!r}")
+        for name in ("patch_attention", "freeze_backbone"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.stages is not None:
+            stages = self.stages
+            if (
+                not isinstance(stages, (list, tuple))
+                or not 1 <= len(stages) <= MAX_STAGES
+                or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in stages)
+                or any(not 0 <= s <= MAX_STAGES for s in stages)
+            ):
+                raise ValueError(
+                    f"stages must be 1-{MAX_STAGES} backbone level indices in 0-{MAX_STAGES}, "
+                    f"got {str(stages)[:80]}"
+                )
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a JSON object, got {type(self.extra).__name__}")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples become lists)."""
         data = dataclasses.asdict(self)
@@ -115,6 +190,8 @@ class ModelConfig:
 
         Missing keys take their defaults, so configs written before a field existed still load.
         """
+        if not isinstance(data, dict):
+            raise ValueError(f"the model config must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -83,6 +83,22 @@ class SlideScores:
 
     @classmethod
     def load(cls, path: str | Path) -> SlideScores:
+        """The scores of ``path``; ValueError naming the file when it is cut short or not a
+        scores file (a killed copy, a full disk)."""
+        import zipfile
+
+        try:
+            return cls._load(path)
+        except (OSError, EOFError, zipfile.BadZipFile, KeyError, ValueError, TypeError) as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise
+            raise ValueError(
+                f"{path}: truncated or not a histoduo scores file ({type(exc).__name__}: "
+                f"{str(exc)[:120]}); run predict for this slide again to rewrite it"
+            ) from None
+
+    @classmethod
+    def _load(cls, path: str | Path) -> SlideScores:
         with np.load(path, allow_pickle=False) as data:
             values: dict[str, Any] = {k: data[k] for k in data.files}
         values["slide"] = str(values["slide"])

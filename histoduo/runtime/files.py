@@ -9,12 +9,14 @@ would leave 0600, unreadable to a QuPath user on another account).
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
+import shutil
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
@@ -58,6 +60,29 @@ def remove_stale_temporaries(folder: str | Path) -> int:
     return removed
 
 
+# Room kept free beyond what a write needs: HDF5 flushes its chunk cache (1 MiB per dataset)
+# and metadata when a file closes, and a close that fails for want of space leaves HDF5 in a
+# state that crashes the interpreter on exit. So writers stop *before* the disk is full.
+DISK_RESERVE_BYTES = 4 * 1024 * 1024
+
+
+def require_free_space(path: str | Path, needed_bytes: int) -> None:
+    """OSError(ENOSPC) naming ``path`` unless its file system has ``needed_bytes`` plus
+    :data:`DISK_RESERVE_BYTES` free; a file system that cannot say is trusted."""
+    folder = Path(path).parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < needed_bytes + DISK_RESERVE_BYTES:
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device (need {needed_bytes + DISK_RESERVE_BYTES:,} bytes, "
+            f"{free:,} free)",
+            str(path),
+        )
+
+
 def fsync_path(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -88,7 +113,10 @@ def atomic_path(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
         yield tmp
         commit_path(tmp, path, fsync=fsync)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        # On a read-only file system the unlink fails too (and the file never existed):
+        # the error worth reporting is the one that stopped the write.
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
 
 

@@ -184,6 +184,17 @@ class Slide:
         level = self.best_level_for_downsample(downsample)
         level_w, level_h = self.level_dimensions[level]
         level_ds = self.level_downsamples[level]
+        if level_w * level_h > MAX_OVERVIEW_LEVEL_PX:
+            # Bounded work: an overview from a level this large decodes every pixel of it
+            # (hours, with no pyramid to read instead), so say so rather than start.
+            raise SlideError(
+                self.path,
+                f"its coarsest usable level is {level_w:,} x {level_h:,} px "
+                f"({level_w * level_h / 1e9:.1f} Gpx, limit {MAX_OVERVIEW_LEVEL_PX / 1e9:g}): "
+                "without a smaller pyramid level its overview alone means decoding every "
+                "pixel; write it with a pyramid (e.g. `vips tiffsave in out.tif --tile "
+                "--pyramid`)",
+            )
         if level_w * level_h <= _MAX_WHOLE_READ_PX:
             return resize_rgb(self.read_region((0, 0), level, (level_w, level_h)), (out_w, out_h))
         # Strips of whole output rows, each read at the level and shrunk on its own.
@@ -205,6 +216,11 @@ class Slide:
         downsample = max(width0, height0) / max_size_px
         downsample = max(downsample, 1.0)
         return self.read_downsampled(downsample), downsample
+
+
+# The largest level an overview (thumbnail, tissue mask) is computed from: 2.5 Gpx, e.g.
+# 50,000 x 50,000 px, minutes of decoding. Pyramidal slides read a level far below this.
+MAX_OVERVIEW_LEVEL_PX = 2_500_000_000
 
 
 def resize_rgb(image: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:

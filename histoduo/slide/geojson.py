@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,14 @@ class Annotation:
 
 
 # --- reading --------------------------------------------------------------------------------
+# Level-0 coordinates beyond this are no slide's (the largest are ~2 x 10^5 px): a unit error.
+MAX_COORDINATE_PX = 1e8
+# Nesting of GeometryCollections and of JSON itself; QuPath writes 2-4 levels.
+_MAX_GEOMETRY_DEPTH = 32
+_AREALESS = ("Point", "MultiPoint", "LineString", "MultiLineString")
+_warned: set[str] = set()  # files already warned about in this process
+
+
 def _ring(coords: Any, path: Path) -> np.ndarray:
     """One linear ring as a (K, 2) float array; the closing duplicate point is dropped."""
     try:
@@ -62,14 +71,24 @@ def _ring(coords: Any, path: Path) -> np.ndarray:
     ring = ring[:, :2]
     if not np.all(np.isfinite(ring)):
         raise ValueError(f"{path}: polygon coordinates must be finite numbers")
+    if np.abs(ring).max() > MAX_COORDINATE_PX:
+        raise ValueError(
+            f"{path}: polygon coordinates up to {np.abs(ring).max():.3g} are no level-0 pixel "
+            f"positions (slides are at most ~10^6 px across; the limit is "
+            f"{MAX_COORDINATE_PX:.0e}); were they written in another unit?"
+        )
     if len(ring) > 3 and np.array_equal(ring[0], ring[-1]):
         ring = ring[:-1]
     return ring
 
 
-def _polygons_from_geometry(geometry: Any, path: Path) -> list[Polygon]:
+def _polygons_from_geometry(geometry: Any, path: Path, depth: int = 0) -> list[Polygon]:
     if not isinstance(geometry, dict) or "type" not in geometry:
         raise ValueError(f"{path}: feature without a valid 'geometry' object")
+    if depth > _MAX_GEOMETRY_DEPTH:
+        raise ValueError(
+            f"{path}: geometry collections nested more than {_MAX_GEOMETRY_DEPTH} deep"
+        )
     kind = geometry["type"]
     coords = geometry.get("coordinates")
     if kind == "Polygon":
@@ -78,11 +97,14 @@ def _polygons_from_geometry(geometry: Any, path: Path) -> list[Polygon]:
         rings_list = coords
     elif kind == "GeometryCollection":
         out: list[Polygon] = []
-        for sub in geometry.get("geometries", []):
-            out.extend(_polygons_from_geometry(sub, path))
+        subs = geometry.get("geometries", [])
+        if not isinstance(subs, list):
+            raise ValueError(f"{path}: GeometryCollection without a 'geometries' list")
+        for sub in subs:
+            out.extend(_polygons_from_geometry(sub, path, depth + 1))
         return out
-    elif kind in ("Point", "MultiPoint", "LineString", "MultiLineString"):
-        return []  # QuPath points/lines carry no area; nothing to rasterise
+    elif kind in _AREALESS:
+        return []  # QuPath points/lines carry no area; counted and warned about by the reader
     else:
         raise ValueError(f"{path}: unsupported geometry type {kind!r}")
     if not isinstance(rings_list, list):
@@ -116,9 +138,21 @@ def _annotation_from_feature(feature: Any, path: Path) -> Annotation:
     color: tuple[int, int, int] | None = None
     if isinstance(classification, dict):
         class_name = classification.get("name")
-        color = _parse_color(classification.get("color", classification.get("colorRGB")))
+        try:
+            color = _parse_color(classification.get("color", classification.get("colorRGB")))
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"{path}: a classification colour is not [r, g, b]") from None
     elif isinstance(classification, str):
         class_name = classification
+    else:
+        class_name = classification  # checked below
+    if isinstance(class_name, int) and not isinstance(class_name, bool):
+        class_name = str(class_name)  # a grade written as a number: the class "3"
+    if class_name is not None and not isinstance(class_name, str):
+        raise ValueError(
+            f'{path}: a classification name must be a string (e.g. "tumour"), got '
+            f"{json.dumps(class_name)[:60]}"
+        )
     return Annotation(
         geometry=_polygons_from_geometry(feature.get("geometry"), path),
         class_name=class_name,
@@ -136,11 +170,16 @@ def read_annotations(path: str | Path) -> list[Annotation]:
     """
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        # utf-8-sig: some Windows tools start their exports with a byte-order mark.
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError as exc:
         raise ValueError(f"{path}: file not found") from exc
+    except IsADirectoryError as exc:
+        raise ValueError(f"{path}: is a folder, not a GeoJSON file") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply to be GeoJSON") from None
     if isinstance(data, list):
         features = data
     elif isinstance(data, dict) and data.get("type") == "FeatureCollection":
@@ -157,7 +196,22 @@ def read_annotations(path: str | Path) -> list[Annotation]:
         features = [{"type": "Feature", "geometry": data, "properties": {}}]
     else:
         raise ValueError(f"{path}: not a GeoJSON Feature, FeatureCollection or feature list")
-    return [_annotation_from_feature(f, path) for f in features]
+    annotations = [_annotation_from_feature(f, path) for f in features]
+    arealess = sum(
+        isinstance(f, dict)
+        and isinstance(f.get("geometry"), dict)
+        and f["geometry"].get("type") in _AREALESS
+        for f in features
+    )
+    if arealess and str(path) not in _warned:
+        _warned.add(str(path))
+        # Straight to stderr: a label silently missing is what this warning prevents.
+        print(
+            f"warning: {path}: ignored {arealess} point/line annotation(s); only polygons "
+            "carry labels and regions",
+            file=sys.stderr,
+        )
+    return annotations
 
 
 # --- checking annotations against a slide ----------------------------------------------------

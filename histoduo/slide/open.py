@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from histoduo.slide.base import Slide
 from histoduo.slide.info import (
@@ -64,15 +65,82 @@ def open_slide(path: str | Path, backend: str = "auto", mpp_override: float | No
     return slide
 
 
+_TIFF_MAGIC = {b"II*\x00": ("<", False), b"MM\x00*": (">", False),
+               b"II+\x00": ("<", True), b"MM\x00+": (">", True)}  # fmt: skip
+
+
+def _tiff_header_problem(path: Path, size: int) -> str | None:
+    """Why a file that starts like a TIFF cannot be one (cut short before its first image
+    directory, as an interrupted copy of an Aperio file is: Aperio writes that directory at
+    the end); None when the header is sound or the file is no TIFF (the reader then says)."""
+    import struct
+
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    kind = _TIFF_MAGIC.get(head[:4])
+    if kind is None:
+        return None
+    order, big = kind
+    if big:
+        if len(head) < 16:
+            return f"truncated: only {size} bytes, less than a BigTIFF header"
+        (first_ifd,) = struct.unpack(order + "Q", head[8:16])
+    else:
+        if len(head) < 8:
+            return f"truncated: only {size} bytes, less than a TIFF header"
+        (first_ifd,) = struct.unpack(order + "I", head[4:8])
+    if first_ifd >= size:
+        return (
+            f"truncated: its first image directory is at byte {first_ifd:,} but the file has "
+            f"only {size:,} bytes (an incomplete copy or download?)"
+        )
+    return None
+
+
+def _missing_chunks(page: Any) -> str | None:
+    """Why a TIFF page's header cannot be true: it claims more pixels than it has tiles or
+    strips for (a file that says 200,000 x 200,000 px and holds one tile would otherwise be
+    read as hours of blank glass); None when the counts agree."""
+    tags = getattr(page, "tags", None)
+    if tags is None:
+        return None
+    width, height = int(page.imagewidth), int(page.imagelength)
+    separate = int(getattr(page, "planarconfig", 1)) == 2
+    planes = int(page.samplesperpixel) if separate else 1
+    if page.is_tiled:
+        tag = tags.get(324)  # TileOffsets
+        tile_w, tile_h = int(page.tilewidth), int(page.tilelength)
+        expected = -(-width // tile_w) * -(-height // tile_h) * planes * int(page.imagedepth or 1)
+    else:
+        tag = tags.get(273)  # StripOffsets
+        rows = min(int(page.rowsperstrip or height), height) or 1
+        expected = -(-height // rows) * planes
+    if tag is None or tag.count >= expected:
+        return None
+    return (
+        f"corrupt: its header claims {width:,} x {height:,} px, which needs {expected:,} "
+        f"{'tiles' if page.is_tiled else 'strips'}, but it holds only {tag.count:,}"
+    )
+
+
 def check_tiff_file(path: Path) -> None:
     """Reject TIFF-based slides that are cut short or are not brightfield RGB, before a read.
 
     Readers report neither well: a truncated file opens and reads missing tiles as blank
     glass, and a fluorescence QPTIFF opens as its first grey channel.
     """
+    import logging
+
     import tifffile
 
     size = os.path.getsize(path)
+    reason = _tiff_header_problem(path, size)
+    if reason is not None:
+        raise SlideError(path, reason)
+    # tifffile logs every bad offset it meets; the SlideError below says it once.
+    tiff_log = logging.getLogger("tifffile")
+    level = tiff_log.level
+    tiff_log.setLevel(logging.ERROR + 1)
     try:
         with tifffile.TiffFile(path) as tif:
             pages = list(tif.pages)
@@ -86,8 +154,13 @@ def check_tiff_file(path: Path) -> None:
             channels = sum(
                 1 for p in pages if p.shape == first.shape and int(p.samplesperpixel) == samples
             )
-    except Exception:  # noqa: BLE001 - not parseable as TIFF: the slide reader says why
+            short = next(filter(None, (_missing_chunks(p) for p in pages)), None)
+    except Exception:  # noqa: BLE001 - not parseable by tifffile: the slide reader says why
         return
+    finally:
+        tiff_log.setLevel(level)
+    if short is not None:
+        raise SlideError(path, short)
     end = max(ends, default=0)
     if end > size:
         raise SlideError(
@@ -129,5 +202,12 @@ def find_slides(inputs: list[str | Path]) -> list[Path]:
             found.append(path)
     unique: dict[str, Path] = {}
     for p in found:
-        unique.setdefault(str(p.resolve()), p)
+        try:
+            key = p.resolve(strict=False)
+        except (OSError, RuntimeError):  # RuntimeError: Python < 3.13's symlink loop
+            raise ValueError(
+                f"{p}: symlink loop (the link points, through other links, back to itself); "
+                "fix or remove the link"
+            ) from None
+        unique.setdefault(str(key), p)
     return list(unique.values())

@@ -41,6 +41,9 @@ class OpenSlideSlide(_LibrarySlide):
                 f"unsupported or unrecognised slide format; histoduo reads {SUPPORTED_FORMATS}",
             ) from exc
         except openslide.OpenSlideError as exc:
+            dicom = dicom_problem(path) if path.suffix.lower() == ".dcm" else None
+            if dicom is not None:
+                raise SlideError(path, dicom) from exc
             raise SlideError(path, f"corrupt or unreadable slide ({exc})") from exc
 
     @property
@@ -187,3 +190,44 @@ class PlainImageSlide(Slide):
 
     def _read_raw(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         return self._image[y : y + height, x : x + width]
+
+
+# Attributes a DICOM VL Whole Slide Microscopy image needs for a reader to place its frames;
+# OpenSlide and wsidicom both use ImageType to tell a pyramid level from a label or overview.
+_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+_WSI_REQUIRED = (
+    "ImageType",
+    "TotalPixelMatrixColumns",
+    "TotalPixelMatrixRows",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+)
+
+
+def dicom_problem(path: Path) -> str | None:
+    """What a DICOM file lacks to be read as a whole-slide image, in words; None when
+    nothing is visibly missing (or pydicom, an optional package, is not installed)."""
+    try:
+        import pydicom
+    except ImportError:
+        return None
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad files
+        return f"not a readable DICOM file ({str(exc)[:120]})"
+    sop = str(getattr(ds, "SOPClassUID", ""))
+    if sop and sop != _WSI_SOP_CLASS:
+        return (
+            f"a DICOM file of SOP class {sop}, not a VL Whole Slide Microscopy image "
+            f"({_WSI_SOP_CLASS}); histoduo reads whole-slide DICOM only"
+        )
+    missing = [name for name in _WSI_REQUIRED if name not in ds]
+    if not missing:
+        return None
+    return (
+        f"a DICOM whole-slide image without the required attribute(s) {', '.join(missing)}: "
+        "readers (OpenSlide, wsidicom) need ImageType (e.g. ORIGINAL\\PRIMARY\\VOLUME\\NONE) "
+        "to tell a pyramid level from a label or overview; have the exporting software write "
+        "it, or add it with a DICOM tool (e.g. pydicom)"
+    )

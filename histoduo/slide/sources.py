@@ -4,11 +4,28 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from histoduo.slide import find_slides, unsafe_name_reason
 from histoduo.slide.shards import parse_shard_text
+
+# A slide's level-0 resolution: scanners give 0.1-1 um/px, plain images and thumbnails
+# maybe tens; 1 mm per pixel is no microscope, so a larger value is a typo or a unit mix-up.
+MAX_SLIDE_MPP = 1000.0
+
+
+def check_slide_mpp(mpp: float, where: str) -> float:
+    """``mpp`` if it is a plausible level-0 resolution, else ValueError naming ``where``."""
+    if not math.isfinite(mpp) or mpp <= 0:
+        raise ValueError(f"{where}: mpp must be positive and finite, got {mpp}")
+    if mpp > MAX_SLIDE_MPP:
+        raise ValueError(
+            f"{where}: mpp {mpp:g} um/px is not a slide resolution (at most "
+            f"{MAX_SLIDE_MPP:g}; scanners give about 0.25 at 40x, 0.5 at 20x)"
+        )
+    return mpp
 
 
 @dataclass(frozen=True)
@@ -29,7 +46,8 @@ def read_slide_csv(csv_path: Path) -> list[SlideSource]:
     """A slide CSV: a ``path`` column (relative paths are relative to the CSV), optional ``mpp``."""
     if not csv_path.exists():
         raise FileNotFoundError(f"{csv_path}: slide CSV not found")
-    with csv_path.open(newline="") as handle:
+    # utf-8-sig: Excel starts its "CSV UTF-8" files with a byte-order mark.
+    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         fields = [f.strip().lower() for f in (reader.fieldnames or [])]
         if "path" not in fields:
@@ -49,8 +67,8 @@ def read_slide_csv(csv_path: Path) -> list[SlideSource]:
                 raise ValueError(
                     f"{csv_path}:{line_no}: mpp {mpp_text!r} is not a number"
                 ) from None
-            if mpp is not None and mpp <= 0:
-                raise ValueError(f"{csv_path}:{line_no}: mpp must be positive, got {mpp}")
+            if mpp is not None:
+                check_slide_mpp(mpp, f"{csv_path}:{line_no}")
             sources.append(SlideSource(path, mpp))
     return sources
 
@@ -60,6 +78,8 @@ def collect_sources(inputs: list[str | Path], slide_mpp: float | None = None) ->
 
     ``slide_mpp`` overrides every slide's own mpp, except where a CSV row gives its own.
     """
+    if slide_mpp is not None:
+        check_slide_mpp(slide_mpp, "--slide-mpp")
     sources: list[SlideSource] = []
     plain: list[str | Path] = []
     for item in inputs:
@@ -69,16 +89,35 @@ def collect_sources(inputs: list[str | Path], slide_mpp: float | None = None) ->
         else:
             plain.append(item)
     sources.extend(SlideSource(path, slide_mpp) for path in find_slides(plain))
-    names: dict[str, Path] = {}
+    names: dict[str, SlideSource] = {}
+    unique: list[SlideSource] = []
     for source in sources:
         check_output_name(source.name, source.path)
-        if source.name in names and names[source.name] != source.path:
+        seen = names.get(source.name)
+        if seen is None:
+            names[source.name] = source
+            unique.append(source)
+        elif _same_file(seen.path, source.path):
+            # The same slide listed twice (a CSV row repeated, a file and its folder):
+            # one slide, processed and reported once, unless the two rows disagree.
+            if seen.mpp != source.mpp:
+                raise ValueError(
+                    f"{source.path} is listed twice with different mpp ({seen.mpp} and "
+                    f"{source.mpp}); keep one row"
+                )
+        else:
             raise ValueError(
-                f"two slides share the name {source.name!r}: {names[source.name]} and "
+                f"two slides share the name {source.name!r}: {seen.path} and "
                 f"{source.path}; slide names key the outputs, so they must be unique"
             )
-        names[source.name] = source.path
-    return sources
+    return unique
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: compare the names as given
+        return a.absolute() == b.absolute()
 
 
 def check_output_name(name: str, where: str | Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,12 @@ from typing import Any
 import h5py
 import numpy as np
 
-from histoduo.runtime.files import atomic_path, commit_path, temporary_path
+from histoduo.runtime.files import (
+    atomic_path,
+    commit_path,
+    require_free_space,
+    temporary_path,
+)
 from histoduo.store.layout import (
     IndexEntry,
     read_index,
@@ -99,6 +105,8 @@ class SlidePartWriter:
         self._count = 0
         self._n = len(data.coords)
         self.final_path.parent.mkdir(parents=True, exist_ok=True)
+        overview_bytes = data.thumbnail.nbytes + data.tissue_mask.size + 16 * len(data.coords)
+        require_free_space(self.final_path, overview_bytes)
         self._file = h5py.File(self.tmp_path, "w")
         root = self._file
         write_store_header(root, kind=SLIDE_FILE_FORMAT)
@@ -155,6 +163,8 @@ class SlidePartWriter:
             self._count += n
             return
         stop = self._count + n
+        # Twice the block: HDF5 may hold it in its chunk cache and write it again at close.
+        require_free_space(self.tmp_path, 2 * sum(np.asarray(t).nbytes for t in tiles))
         if self.encoding == "raw":
             self._pixels[self._count : stop] = np.asarray(tiles)
         else:
@@ -179,9 +189,10 @@ class SlidePartWriter:
         return commit_path(self.tmp_path, self.final_path)
 
     def abort(self) -> None:
-        try:
+        # On a full disk closing fails too (its last flush); the file is discarded anyway.
+        with suppress(OSError), suppress(RuntimeError):
             self._file.close()
-        finally:
+        with suppress(OSError):
             self.tmp_path.unlink(missing_ok=True)
 
 
@@ -351,6 +362,16 @@ def merge_stores(
                 entries[name] = entry
             else:
                 plan.append((path, entry, version))
+    # Every input slide file must be there and whole before anything is written, so a
+    # missing or truncated file fails the merge without a half-built output folder.
+    for path, entry, version in plan:
+        if version >= 2 and read_slide_record(entry.file) is None:
+            why = "is missing" if not Path(entry.file).exists() else "is truncated or incomplete"
+            raise StoreError(
+                entry.file,
+                f"slide {entry.name!r} of {path} {why}; retile that slide into {path} "
+                "(histoduo tile reruns only what is missing) or leave that store out",
+            )
     for path, entry, version in plan:
         if link:
             entries[entry.name] = entry

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,7 +29,7 @@ class TilingParams:
     label_min_coverage: float = 0.5  # a tile takes a class covering at least this fraction
 
     def __post_init__(self) -> None:
-        if not self.target_mpp > 0:
+        if not 0 < self.target_mpp < math.inf:
             raise ValueError(f"target mpp must be positive, got {self.target_mpp}")
         if self.tile_size_px < 8:
             raise ValueError(f"tile size must be at least 8 px, got {self.tile_size_px}")
@@ -40,6 +41,11 @@ class TilingParams:
             raise ValueError(f"encoding must be one of {ENCODINGS}, got {self.encoding!r}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"JPEG quality must be 1-100, got {self.jpeg_quality}")
+        if not 0.0 < self.label_min_coverage <= 1.0:  # also refuses NaN
+            raise ValueError(
+                f"label coverage must be a fraction of the tile in (0, 1], got "
+                f"{self.label_min_coverage}"
+            )
 
     @property
     def effective_stride_px(self) -> int:

@@ -25,7 +25,7 @@ import numpy as np
 
 from histoduo import __version__
 from histoduo.qc import ArtefactMasks, QCParams, check_mode, detect_artefacts
-from histoduo.runtime.errors import HistoduoError
+from histoduo.runtime.errors import HistoduoError, OutputError, output_error
 from histoduo.runtime.pool import LazyPool, default_workers
 from histoduo.runtime.progress import SlideProgress
 from histoduo.runtime.slides import status_of
@@ -102,11 +102,11 @@ class _TileRun:
         return True
 
     def failed(self, source: SlideSource, exc: HistoduoError, status: str, seconds: float) -> None:
+        # Not logged here: the caller prints the error that stops a run, and the summary
+        # lists skipped ones, so each error is printed once.
         self.results.append(
             SlideResult(source.name, str(source.path), status, error=str(exc), seconds=seconds)
         )
-        if self.log is not None:
-            self.log(f"[red]{exc}[/]")
 
     def add(self, entry: IndexEntry) -> None:
         """A committed slide: listed by the next index write (soon, or at the end)."""
@@ -176,15 +176,31 @@ def tile_slides(
             first_error = _run_pipeline(sources, run, skip_errors)
     finally:
         # Every listed slide is complete, so the index is safe to write even when stopping.
-        if run.changed or not out_path.exists():
-            run.write_index()
-        if overwrite:
-            remove_unlisted(out_path, run.entries.values())
+        # On a full or read-only disk the write fails and the previous index stays whole.
+        try:
+            if run.changed or not out_path.exists():
+                run.write_index()
+            if overwrite:
+                remove_unlisted(out_path, run.entries.values())
+        except OSError as exc:
+            index_error = output_error(exc, out_path)
+            if index_error is None:
+                raise
+            first_error = first_error or index_error
     order = {source.name: i for i, source in reversed(list(enumerate(sources)))}
     results = sorted(run.results, key=lambda r: order.get(r.slide, len(order)))  # input order
     report = TilingReport(str(out_path), params.to_dict(), results)
-    report.write(out_path)
+    try:
+        report.write(out_path)
+    except OSError as exc:
+        report_error = output_error(exc, out_path)
+        if report_error is None:
+            raise
+        first_error = first_error or report_error
     if first_error is not None:
+        tiled = sum(r.status == "done" for r in results)
+        if log is not None and tiled:
+            log(f"{tiled} finished slide(s) were saved in {out_path}; rerun to resume")
         raise first_error
     return report
 
@@ -335,7 +351,8 @@ def _run_pipeline(
         nonlocal first_error
         run.failed(source, exc, status_of(exc), time.perf_counter() - started)
         run.bars.slide_done()
-        if not skip_errors and first_error is None:
+        # A full or read-only disk fails every later slide too: stop even with skip_errors.
+        if (not skip_errors or isinstance(exc, OutputError)) and first_error is None:
             first_error = exc
 
     ahead = plan_next()
@@ -348,7 +365,7 @@ def _run_pipeline(
                 ahead = plan_next()  # planned while the workers read the slides before it
                 try:
                     job = _start_slide(source, future.result(), run, pool, started)
-                except SlideError as exc:
+                except (SlideError, OutputError) as exc:
                     failed(source, exc, started)
                 else:
                     jobs.append(job)
@@ -357,7 +374,7 @@ def _run_pipeline(
             job = jobs.popleft()
             try:
                 run.results.append(_finish_slide(job, run))
-            except SlideError as exc:
+            except (SlideError, OutputError) as exc:
                 failed(job.source, exc, job.started)
             else:
                 run.bars.slide_done()
@@ -384,9 +401,11 @@ def _start_slide(
     )
     params = run.params
     encoding = None if params.dry_run else params.encoding
-    writer = SlidePartWriter(
-        slide_file_path(run.out_path, source.name), data, encoding, params.tile_size_px
-    )
+    path = slide_file_path(run.out_path, source.name)
+    try:
+        writer = SlidePartWriter(path, data, encoding, params.tile_size_px)
+    except OSError as exc:
+        raise output_error(exc, path) or exc from None
     if encoding is None:
         blocks: Iterator[Any] = iter(())
     else:
@@ -410,10 +429,13 @@ def _finish_slide(job: _SlideJob, run: _TileRun) -> SlideResult:
             run.bars.advance_tiles(len(block), written / max(time.perf_counter() - t0, 1e-9))
         burdens = _store_qc(job, run, np.concatenate(blur) if blur else None)
         path = writer.commit()
-    except BaseException:
+        write_trident_coords(trident_file_path(run.out_path, source.name), plan.coords, plan.record)
+    except BaseException as exc:
         writer.abort()
+        error = output_error(exc, slide_file_path(run.out_path, source.name))
+        if error is not None:
+            raise error from None
         raise
-    write_trident_coords(trident_file_path(run.out_path, source.name), plan.coords, plan.record)
     encoding = "none" if run.params.dry_run else run.params.encoding
     record = replace(plan.record, n_tiles=len(plan.coords), tile_encoding=encoding, complete=True)
     run.add(IndexEntry.of(record, path))  # the record as the file now holds it

@@ -58,6 +58,11 @@ class TissueParams:
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be >= 0, got {value}")
+        if not (0 <= self.min_saturation <= 1):  # also refuses NaN
+            raise ValueError(f"min_saturation must be in 0-1, got {self.min_saturation}")
+        threshold = self.saturation_threshold
+        if threshold is not None and not (math.isfinite(threshold) and 0 <= threshold <= 1):
+            raise ValueError(f"tissue saturation threshold must be in 0-1, got {threshold}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
