@@ -159,6 +159,17 @@ def _worker_context() -> Any:
 
 # --- the model side -------------------------------------------------------------------------
 
+# Tiles per model forward on CPU (a loader batch is split into slices of this many): bounds
+# the activations' memory; 16 runs as fast as 64 on CPU.
+CPU_FORWARD_TILES = 16
+
+
+def _prefetch_batches(predictor: TilePredictor) -> int:
+    """Batches each worker keeps ready. On CPU the model is the bottleneck, so 2 keep it fed;
+    each float batch held costs ``batch x 3 x S x S x 4`` bytes in the worker and again in
+    this process (shared memory), 38 MiB for 64 tiles of 224 px. A GPU gets the deep queue."""
+    return 2 if predictor.runtime.device.type == "cpu" else 4
+
 
 class TilePredictor:
     """Model + device + precision: normalised batches in, class probabilities out."""
@@ -200,7 +211,19 @@ class TilePredictor:
         return self.forward(model_batch(x, self.runtime.device, self.transform.finish))
 
     def forward(self, x: torch.Tensor) -> np.ndarray:
-        """(B, 3, S, S) normalised float on the device -> (B, K) float32 probabilities."""
+        """(B, 3, S, S) normalised float on the device -> (B, K) float32 probabilities.
+
+        On CPU the batch goes through the model in slices of ``CPU_FORWARD_TILES``: the
+        model's activations grow with the tiles in one forward (about 1 GiB for 64 tiles of
+        the small DuoFormer, 0.2 GiB for 16; benchmarks/bench_predict.py), while CPU speed
+        does not, and each tile's probabilities do not depend on its neighbours in a batch.
+        """
+        step = CPU_FORWARD_TILES if self.runtime.device.type == "cpu" else len(x)
+        if len(x) <= step:
+            return self._forward(x)
+        return np.concatenate([self._forward(x[i : i + step]) for i in range(0, len(x), step)])
+
+    def _forward(self, x: torch.Tensor) -> np.ndarray:
         import torch
 
         x = self.runtime.model_input(x)
@@ -213,14 +236,25 @@ class TilePredictor:
 
     def run(self, tiles: SlideTiles | StoreTiles, workers: int) -> np.ndarray:
         """Probabilities (N, K) for every tile of ``tiles``, in tile order."""
-        from torch.utils.data import DataLoader
-
         n_classes = len(self.meta.class_names)
         probs = np.full((len(tiles), n_classes), np.nan, dtype=np.float32)
         if len(tiles) == 0:
             return probs
         n_chunks = math.ceil(len(tiles) / tiles.batch_size)
         workers = min(workers, n_chunks)
+        if isinstance(tiles, SlideTiles) and self.runtime.device.type == "cpu" and workers > 0:
+            batches = _slide_batches(tiles, workers)
+        else:
+            batches = self._loader(tiles, workers)
+        for indices, x in batches:
+            probs[indices] = self(x)
+        if np.isnan(probs).any():
+            raise RuntimeError("some tiles got no prediction (a DataLoader worker failed?)")
+        return probs
+
+    def _loader(self, tiles: SlideTiles | StoreTiles, workers: int) -> Iterator[tuple[Any, Any]]:
+        from torch.utils.data import DataLoader
+
         from histoduo.runtime.device import loader_options
 
         loader = DataLoader(
@@ -228,10 +262,55 @@ class TilePredictor:
             batch_size=None,  # the dataset yields whole batches
             # forkserver/spawn: workers start clean and open the slide themselves.
             multiprocessing_context=_worker_context() if workers > 0 else None,
-            **loader_options(self.runtime.device, workers),
+            **loader_options(self.runtime.device, workers, prefetch=_prefetch_batches(self)),
         )
         for indices, x in loader:
-            probs[indices.numpy()] = self(x)
-        if np.isnan(probs).any():
-            raise RuntimeError("some tiles got no prediction (a DataLoader worker failed?)")
-        return probs
+            yield indices.numpy(), x
+
+
+# Chunks each reader process may have read ahead of the model (CPU slides): enough to keep
+# a CPU model fed, few enough that a slide's tiles never pile up in memory.
+_READ_AHEAD_PER_WORKER = 2
+
+
+def _slide_batches(tiles: SlideTiles, workers: int) -> Iterator[tuple[np.ndarray, Any]]:
+    """A slide's batches read by ``workers`` light reader processes, in tile order.
+
+    On CPU the workers only read and resample uint8 tiles (the tiling workers' code, no
+    torch: a third of a DataLoader worker's memory, and a quarter of the bytes of a float
+    batch to hand over); this process applies the same evaluation transform before the
+    model. At most ``_READ_AHEAD_PER_WORKER`` chunks per worker wait, so memory stays
+    bounded for any slide size.
+    """
+    from collections import deque
+
+    from histoduo.runtime.pool import worker_pool
+    from histoduo.tiling import read as tileio
+
+    size = tiles.batch_size
+    starts = iter(range(0, len(tiles), size))
+    pending: deque[tuple[int, Any]] = deque()
+    with worker_pool(workers, tileio.WORKER_PRELOAD, initializer=tileio.warm_up) as pool:
+
+        def submit() -> None:
+            start = next(starts, None)
+            if start is None:
+                return
+            task = tileio.ChunkTask(
+                tiles.slide_path,
+                tiles.backend,
+                tiles.mpp_override,
+                tiles.coords[start : start + size],
+                tiles.size_level0,
+                tiles.tile_size_px,
+                encoding=None,  # decoded uint8 arrays, read by read_tile as SlideTiles does
+            )
+            pending.append((start, pool.apply_async(tileio.read_chunk, (task,))))
+
+        for _ in range(workers * _READ_AHEAD_PER_WORKER):
+            submit()
+        while pending:
+            start, result = pending.popleft()
+            pixels = result.get()
+            submit()
+            yield np.arange(start, start + len(pixels)), tiles.transform.apply(pixels)
