@@ -52,7 +52,7 @@ def tree_memory(pid: int) -> list[tuple[int, str, int, int]]:
 def role(command: str) -> str:
     """What a process of a histoduo run is, from its command line."""
     if "forkserver" in command:
-        return "fork server"
+        return "fork server + workers"  # a forkserver child keeps the server's command line
     if "resource_tracker" in command:
         return "resource tracker"
     if "multiprocessing" in command or "spawn_main" in command:
