@@ -200,14 +200,16 @@ def main() -> None:
     for name, seconds in (("histoduo", ours_s), ("limit", limit_s), ("reference", ref_s)):
         print(f"{name:12}{n / seconds:10.0f}{seconds:10.2f}")
     print(
-        f"histoduo / limit     = {limit_s / ours_s:.0%}  (goal >= 80%; histoduo's time includes "
+        f"histoduo / limit     = {limit_s / ours_s:.0%}  (goal >= 90%; histoduo's time includes "
         f"tissue detection, worker start-up, encoding and writing, the limit's does not)"
     )
     print(f"histoduo / reference = {ref_s / ours_s:.2f}x  (goal >= 3x)")
     w = args.workers
     cores = min(w, len(os.sched_getaffinity(0)))
     read_s, encode_s = costs["read+resize"] * n / 1e3, costs["encode"] * n / 1e3
-    busy = read_s + encode_s + stages.seconds["write"] + stages.seconds["tissue+plan"]
+    # The first slide's tissue detection is inside the start-up latency already.
+    tissue_rest = stages.seconds["tissue+plan"] * (len(paths) - 1) / len(paths)
+    busy = read_s + encode_s + stages.seconds["write"] + tissue_rest
     expected = startup_s + busy / cores
     print(
         f"\nstages of the histoduo run (seconds; CPU seconds / {w} workers where in workers):\n"
@@ -221,8 +223,8 @@ def main() -> None:
         f"  HDF5 writing in the parent (append + commit + TRIDENT coords): "
         f"{stages.seconds['write']:.2f}\n"
         f"  all of it sharing {cores} cores perfectly: start-up + (read+resize + encode + write "
-        f"+ tissue) / {cores} = {expected:.2f} (measured {ours_s:.2f}); the limit is "
-        f"read+resize alone"
+        f"+ the other slides' tissue) / {cores} = {expected:.2f} (measured {ours_s:.2f}); "
+        f"the limit is read+resize alone"
     )
     print_load("after")
 
