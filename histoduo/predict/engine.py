@@ -278,9 +278,9 @@ def _slide_batches(tiles: SlideTiles, workers: int) -> Iterator[tuple[np.ndarray
 
     On CPU the workers only read and resample uint8 tiles (the tiling workers' code, no
     torch: a third of a DataLoader worker's memory, and a quarter of the bytes of a float
-    batch to hand over); this process applies the same evaluation transform before the
-    model. At most ``_READ_AHEAD_PER_WORKER`` chunks per worker wait, so memory stays
-    bounded for any slide size.
+    batch to hand over); this process applies the same evaluation transform, one model
+    forward's worth of tiles at a time. At most ``_READ_AHEAD_PER_WORKER`` chunks per
+    worker wait, so memory stays bounded for any slide size.
     """
     from collections import deque
 
@@ -313,4 +313,8 @@ def _slide_batches(tiles: SlideTiles, workers: int) -> Iterator[tuple[np.ndarray
             start, result = pending.popleft()
             pixels = result.get()
             submit()
-            yield np.arange(start, start + len(pixels)), tiles.transform.apply(pixels)
+            # Transformed a forward's worth at a time: a float copy of the whole chunk
+            # would cost 4x its uint8 bytes for nothing (the model takes slices anyway).
+            for i in range(0, len(pixels), CPU_FORWARD_TILES):
+                part = pixels[i : i + CPU_FORWARD_TILES]
+                yield np.arange(start + i, start + i + len(part)), tiles.transform.apply(part)
