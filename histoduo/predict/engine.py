@@ -160,7 +160,7 @@ def _worker_context() -> Any:
 # --- the model side -------------------------------------------------------------------------
 
 # Tiles per model forward on CPU (a loader batch is split into slices of this many): bounds
-# the activations' memory; 16 runs as fast as 64 on CPU.
+# the activations' memory (docs/performance.md, issue 23).
 CPU_FORWARD_TILES = 16
 
 
@@ -215,8 +215,8 @@ class TilePredictor:
 
         On CPU the batch goes through the model in slices of ``CPU_FORWARD_TILES``: the
         model's activations grow with the tiles in one forward (about 1 GiB for 64 tiles of
-        the small DuoFormer, 0.2 GiB for 16; benchmarks/bench_predict.py), while CPU speed
-        does not, and each tile's probabilities do not depend on its neighbours in a batch.
+        the small DuoFormer, 0.2 GiB for 16; docs/performance.md), and each tile's
+        probabilities do not depend on its neighbours in a batch.
         """
         step = CPU_FORWARD_TILES if self.runtime.device.type == "cpu" else len(x)
         if len(x) <= step:
