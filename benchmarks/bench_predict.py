@@ -10,17 +10,26 @@ For one synthetic slide:
   end-to-end    `predict_run` as the CLI calls it: tissue detection, tiling from the
                 checkpoint, DataLoader workers reading the slide, the model, and every output
                 (CSV, scores, GeoJSON; no heatmaps)
-and the peak memory (RSS of the process tree) of `histoduo predict` on two slide sizes.
-Goal on 2 cores with a small model: end-to-end >= 90% of forward-only.
+and the peak memory of `histoduo predict` on two slide sizes: the process tree's summed RSS
+(the goal's measure: < 1 GiB, flat in slide size), its summed PSS (shared library pages
+counted once), the share of each process (main, fork server, DataLoader worker), and the
+model's own share (its weights, and the activations of one forward measured in this process).
+Goal on 2 cores with a small model: end-to-end >= 90% of forward-only. The machine's load
+average is printed before and after: a load above the core count means shared cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _measure import peak_tree_memory, print_load  # noqa: E402
 
 CLASSES = ["normal", "low_grade", "high_grade", "necrosis"]
 
@@ -73,8 +82,34 @@ def _slide(folder: Path, size: int) -> Path:
     return path
 
 
-def _forward_only(ckpt: Path, slide_path: Path, params) -> tuple[float, int]:  # noqa: ANN001
-    """tiles/s of the model alone on the slide's tiles, already in memory."""
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakRss:
+    """This process's peak RSS while the block runs, sampled in a thread."""
+
+    def __enter__(self) -> _PeakRss:
+        self.before = self.peak = _rss_bytes()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(0.01)
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def _forward_only(ckpt: Path, slide_path: Path, params) -> tuple[float, int, dict]:  # noqa: ANN001
+    """tiles/s of the model alone on the slide's tiles, already in memory, and the model's
+    memory: weights (parameter bytes) and the RSS its forwards added above the held batches."""
     import torch
 
     from histoduo.models.checkpoint import load_model
@@ -105,13 +140,17 @@ def _forward_only(ckpt: Path, slide_path: Path, params) -> tuple[float, int]:  #
     device = predictor.runtime.device
     # Model-ready batches on the device (on a GPU, decoded and normalised there beforehand).
     batches = [model_batch(x, device, predictor.transform.finish) for _, x in tiles]
-    predictor.forward(batches[0])  # warm-up
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    with _PeakRss() as first:
+        predictor.forward(batches[0])  # warm-up (its peak: the activations of one forward)
     t0 = time.perf_counter()
     for x in batches:
         predictor.forward(x)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return len(coords) / (time.perf_counter() - t0), len(coords)
+    rate = len(coords) / (time.perf_counter() - t0)
+    model_memory = {"weights": weights, "forward": first.peak - first.before}
+    return rate, len(coords), model_memory
 
 
 def _end_to_end(ckpt: Path, slide_path: Path, params, out: Path) -> tuple[float, int]:  # noqa: ANN001
@@ -149,13 +188,14 @@ def main() -> None:
 
     from histoduo.predict import PredictParams
 
+    print_load("before")
     args.cache.mkdir(parents=True, exist_ok=True)
     ckpt = _checkpoint(args.cache / f"bench_{args.model}.pt", args.model, mpp=0.5)
     params = PredictParams(
         device=args.device, batch_size=args.batch, workers=args.workers, torch_threads=args.threads
     )
     slide_path = _slide(args.cache, args.size)
-    forward, n = _forward_only(ckpt, slide_path, params)
+    forward, n, model_memory = _forward_only(ckpt, slide_path, params)
     with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
         pipeline, n2 = _end_to_end(ckpt, slide_path, params, Path(tmp))
     assert n == n2, (n, n2)
@@ -165,12 +205,13 @@ def main() -> None:
         f"end-to-end    {pipeline:8.1f} tiles/s  = {pipeline / forward:.0%} of forward-only "
         f"(goal >= 90%)"
     )
+    batch = params.batch_size or "default"
+    print(
+        f"the model's own memory: weights {model_memory['weights'] / 2**20:.0f} MiB, "
+        f"one forward (loader batch {batch}) {model_memory['forward'] / 2**20:.0f} MiB of RSS"
+    )
 
     if not args.skip_memory:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from _measure import peak_tree_rss_gib
-
-        peaks = []
         for size in args.memory_sizes:
             path = _slide(args.cache, size)
             with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
@@ -188,11 +229,16 @@ def main() -> None:
                     args.device,
                     "--quiet",
                 ]
-                peaks.append(peak_tree_rss_gib(cmd))
-        print(
-            "peak memory of `histoduo predict` (process tree RSS): "
-            + ", ".join(f"{s}x{s}: {p:.2f} GiB" for s, p in zip(args.memory_sizes, peaks))
-        )
+                peak = peak_tree_memory(cmd)
+            roles = ", ".join(
+                f"{name} {rss:.2f} (PSS {pss:.2f})" for name, (rss, pss) in peak["roles"].items()
+            )
+            print(
+                f"peak memory of `histoduo predict` on {size}x{size}: RSS sum "
+                f"{peak['rss_gib']:.2f} GiB (goal < 1), PSS sum {peak['pss_gib']:.2f} GiB; "
+                f"at the RSS peak, GiB: {roles}"
+            )
+    print_load("after")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ count, and the same number of timed iterations after untimed warm-up iterations:
 for DataLoader workers 0, 1, 2, interleaved with bare runs (shared hosts drift). Printed:
 images/s of each, the pipeline / bare ratio (goal >= 0.90 on 2 cores) and, to explain a gap,
 the per-batch cost of each pipeline stage measured in this process (read+decode, augment,
-step). The synthetic labelled store is made like tests/test_train.py's ``labelled_store``.
+step), and the machine's load average before and after. The synthetic labelled store is
+made like tests/test_train.py's ``labelled_store``.
 """
 
 from __future__ import annotations
@@ -179,8 +180,11 @@ def main() -> None:
     parser.add_argument("--store-dir", type=Path, default=None, help="reuse/keep the store here")
     args = parser.parse_args()
 
+    from _measure import print_load
+
     from histoduo.models import ModelConfig
 
+    print_load("before")
     cores = len(os.sched_getaffinity(0))
     threads = args.threads or cores
     torch.set_num_threads(threads)
@@ -235,6 +239,7 @@ def main() -> None:
     ratio = statistics.median(piped[best]) / reference
     verdict = "meets" if ratio >= 0.90 else "misses"
     print(f"goal pipeline >= 0.90 x bare: {verdict} ({ratio:.3f} with {best} workers)")
+    print_load("after")
     if args.store_dir is None:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -167,6 +167,17 @@ def _worker_context() -> Any:
 
 # --- the model side -------------------------------------------------------------------------
 
+# Tiles per model forward on CPU (a loader batch is split into slices of this many): bounds
+# the activations' memory (docs/performance.md, issue 23).
+CPU_FORWARD_TILES = 16
+
+
+def _prefetch_batches(predictor: TilePredictor) -> int:
+    """Batches each worker keeps ready. On CPU the model is the bottleneck, so 2 keep it fed;
+    each float batch held costs ``batch x 3 x S x S x 4`` bytes in the worker and again in
+    this process (shared memory), 38 MiB for 64 tiles of 224 px. A GPU gets the deep queue."""
+    return 2 if predictor.runtime.device.type == "cpu" else 4
+
 
 class TilePredictor:
     """Model + device + precision: normalised batches in, class probabilities out."""
@@ -208,7 +219,19 @@ class TilePredictor:
         return self.forward(model_batch(x, self.runtime.device, self.transform.finish))
 
     def forward(self, x: torch.Tensor) -> np.ndarray:
-        """(B, 3, S, S) normalised float on the device -> (B, K) float32 probabilities."""
+        """(B, 3, S, S) normalised float on the device -> (B, K) float32 probabilities.
+
+        On CPU the batch goes through the model in slices of ``CPU_FORWARD_TILES``: the
+        model's activations grow with the tiles in one forward (about 1 GiB for 64 tiles of
+        the small DuoFormer, 0.2 GiB for 16; docs/performance.md), and each tile's
+        probabilities do not depend on its neighbours in a batch.
+        """
+        step = CPU_FORWARD_TILES if self.runtime.device.type == "cpu" else len(x)
+        if len(x) <= step:
+            return self._forward(x)
+        return np.concatenate([self._forward(x[i : i + step]) for i in range(0, len(x), step)])
+
+    def _forward(self, x: torch.Tensor) -> np.ndarray:
         import torch
 
         x = self.runtime.model_input(x)
@@ -224,14 +247,28 @@ class TilePredictor:
     ) -> np.ndarray:
         """Probabilities (N, K) for every tile of ``tiles``, in tile order; with a QC
         ``SlideTiles``, each tile's blur score lands in ``blur_out`` (N,)."""
-        from torch.utils.data import DataLoader
-
         n_classes = len(self.meta.class_names)
         probs = np.full((len(tiles), n_classes), np.nan, dtype=np.float32)
         if len(tiles) == 0:
             return probs
         n_chunks = math.ceil(len(tiles) / tiles.batch_size)
         workers = min(workers, n_chunks)
+        if isinstance(tiles, SlideTiles) and self.runtime.device.type == "cpu" and workers > 0:
+            batches = _slide_batches(tiles, workers)
+        else:
+            batches = self._loader(tiles, workers)
+        for indices, x, blur in batches:
+            probs[indices] = self(x)
+            if blur is not None and blur_out is not None:
+                blur_out[indices] = blur
+        if np.isnan(probs).any():
+            raise RuntimeError("some tiles got no prediction (a DataLoader worker failed?)")
+        return probs
+
+    def _loader(self, tiles: SlideTiles | StoreTiles, workers: int) -> Iterator[tuple[Any, ...]]:
+        """(tile indices, model input, blur scores or None) per batch."""
+        from torch.utils.data import DataLoader
+
         from histoduo.runtime.device import loader_options
 
         loader = DataLoader(
@@ -239,13 +276,66 @@ class TilePredictor:
             batch_size=None,  # the dataset yields whole batches
             # forkserver/spawn: workers start clean and open the slide themselves.
             multiprocessing_context=_worker_context() if workers > 0 else None,
-            **loader_options(self.runtime.device, workers),
+            **loader_options(self.runtime.device, workers, prefetch=_prefetch_batches(self)),
         )
         for batch in loader:
-            indices, x = batch[0], batch[1]
-            probs[indices.numpy()] = self(x)
-            if len(batch) > 2 and blur_out is not None:
-                blur_out[indices.numpy()] = batch[2].numpy()
-        if np.isnan(probs).any():
-            raise RuntimeError("some tiles got no prediction (a DataLoader worker failed?)")
-        return probs
+            blur = batch[2].numpy() if len(batch) > 2 else None
+            yield batch[0].numpy(), batch[1], blur
+
+
+# Chunks each reader process may have read ahead of the model (CPU slides): enough to keep
+# a CPU model fed, few enough that a slide's tiles never pile up in memory.
+_READ_AHEAD_PER_WORKER = 2
+
+
+def _slide_batches(tiles: SlideTiles, workers: int) -> Iterator[tuple[np.ndarray, Any, Any]]:
+    """A slide's batches read by ``workers`` light reader processes, in tile order.
+
+    On CPU the workers only read and resample uint8 tiles (the tiling workers' code, no
+    torch: a third of a DataLoader worker's memory, and a quarter of the bytes of a float
+    batch to hand over); this process applies the same evaluation transform, one model
+    forward's worth of tiles at a time. At most ``_READ_AHEAD_PER_WORKER`` chunks per
+    worker wait, so memory stays bounded for any slide size.
+    """
+    from collections import deque
+
+    from histoduo.runtime.pool import worker_pool
+    from histoduo.tiling import read as tileio
+
+    size = tiles.batch_size
+    starts = iter(range(0, len(tiles), size))
+    pending: deque[tuple[int, Any]] = deque()
+    with worker_pool(workers, tileio.WORKER_PRELOAD, initializer=tileio.warm_up) as pool:
+
+        def submit() -> None:
+            start = next(starts, None)
+            if start is None:
+                return
+            task = tileio.ChunkTask(
+                tiles.slide_path,
+                tiles.backend,
+                tiles.mpp_override,
+                tiles.coords[start : start + size],
+                tiles.size_level0,
+                tiles.tile_size_px,
+                encoding=None,  # decoded uint8 arrays, read by read_tile as SlideTiles does
+            )
+            pending.append((start, pool.apply_async(tileio.read_chunk, (task,))))
+
+        for _ in range(workers * _READ_AHEAD_PER_WORKER):
+            submit()
+        while pending:
+            start, result = pending.popleft()
+            pixels = result.get()
+            submit()
+            # Transformed a forward's worth at a time: a float copy of the whole chunk
+            # would cost 4x its uint8 bytes for nothing (the model takes slices anyway).
+            for i in range(0, len(pixels), CPU_FORWARD_TILES):
+                part = pixels[i : i + CPU_FORWARD_TILES]
+                blur = None
+                if tiles.qc is not None:  # blur from the pixels already in hand
+                    from histoduo.qc import tile_blur_scores
+
+                    blur = tile_blur_scores(part, tiles.qc)
+                indices = np.arange(start + i, start + i + len(part))
+                yield indices, tiles.transform.apply(part), blur
