@@ -20,6 +20,7 @@ from histoduo.cli._model_options import (
     Dropout,
     DropPath,
     EmbedDim,
+    EncoderWeights,
     FeaturesDir,
     FreezeBackbone,
     HiddenDim,
@@ -283,6 +284,7 @@ def evaluate_command(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     features: FeaturesDir = None,
+    encoder_weights: EncoderWeights = None,
     trust_checkpoint: TrustCheckpoint = False,
 ) -> None:
     """Balanced accuracy, per-class recall/precision/F1 and confusion matrix on a store."""
@@ -301,6 +303,7 @@ def evaluate_command(
             device=device,
             trust_checkpoint=trust_checkpoint,
             features_dir=features,
+            encoder_weights=encoder_weights,
         )
     except (LabelError, HistoduoError, ValueError) as exc:
         raise fail(str(exc)) from None

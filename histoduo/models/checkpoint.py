@@ -42,6 +42,7 @@ from histoduo.models.pickles import (  # noqa: F401 - re-exported
     untrusted_pickle_error,
     warn_trusted_pickle,
 )
+from histoduo.runtime.errors import HistoduoError
 from histoduo.runtime.files import atomic_write_bytes
 
 CHECKPOINT_VERSION = 2
@@ -305,14 +306,29 @@ def load_model(
 
     payload = load_checkpoint(path, map_location, trust=trust)
     meta = CheckpointMeta.from_dict(payload["meta"])
-    # The state dict holds the backbone; never re-read the original weights file.
+    # The state dict holds the backbone; never re-read the original weights file. Except a
+    # foundation-model ViT's (DuoFormer on its pyramid): its licence keeps it out of
+    # checkpoints, so the user passes the file again and its sha256 must match.
+    from histoduo.models.encoders.pyramid import load_shareable_state
+
     try:
-        config = ModelConfig.from_dict(meta.model_config).replace(backbone_weights=None)
-        model = build_model(config)
+        config = ModelConfig.from_dict(meta.model_config)
+        weights = None
+        if config.arch not in ("linear", "mlp") and config.encoder_weights_sha256:
+            if encoder_weights is None:
+                raise CheckpointError(
+                    path,
+                    f"DuoFormer on {config.backbone}: the ViT's weights are not in the "
+                    "checkpoint (their licence); pass them with --encoder-weights FILE",
+                )
+            weights = str(encoder_weights)
+        model = build_model(config.replace(backbone_weights=weights))
+    except HistoduoError as exc:
+        raise CheckpointError(exc.path, exc.reason) from exc
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(path, f"the stored model config is not usable ({exc})") from exc
     try:
-        model.load_state_dict(payload["model_state"])
+        load_shareable_state(model, payload["model_state"])
     except RuntimeError as exc:
         raise CheckpointError(path, f"weights do not fit the stored model config ({exc})") from exc
     model.eval()
