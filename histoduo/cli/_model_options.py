@@ -1,4 +1,8 @@
-"""Model options shared by `model-info` and `train`, and the ModelConfig they describe."""
+"""Model options shared by `model-info` and `train`, and the ModelConfig they describe.
+
+Defaults come from :class:`~histoduo.models.config.ModelConfig` (``MODEL_DEFAULTS``), so the
+CLI and the Python API cannot disagree; ``histoduo.models.config`` imports no torch.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +12,21 @@ from typing import Annotated, Any
 import typer
 
 from histoduo.cli._app import fail
+from histoduo.models.config import ARCHS, ModelConfig
 
-Arch = Annotated[
-    str,
-    typer.Option(
-        "--model",
-        "--arch",
-        "--architecture",
-        help="duoformer, resnet or hybrid; linear or mlp: a head on --features.",
-    ),
+MODEL_DEFAULTS = ModelConfig()
+
+Architecture = Annotated[
+    str, typer.Option("--architecture", help="Model to build: " + ", ".join(ARCHS) + ".")
+]
+# `--model` now means a checkpoint on every command; the old spellings of the architecture
+# flag keep working for one release, with a warning.
+LegacyArchitecture = Annotated[
+    str | None,
+    typer.Option("--model", "--arch", hidden=True, help="Deprecated: use --architecture."),
+]
+LegacyArch = Annotated[
+    str | None, typer.Option("--arch", hidden=True, help="Deprecated: use --architecture.")
 ]
 Backbone = Annotated[
     str,
@@ -89,9 +99,28 @@ FreezeBackbone = Annotated[
     bool,
     typer.Option(
         "--freeze-backbone/--no-freeze-backbone",
-        help="Keep the CNN trunk fixed (a linear probe for --model resnet).",
+        help="Keep the CNN trunk fixed (a linear probe for --architecture resnet).",
     ),
 ]
+
+
+def resolve_architecture(architecture: str, legacy: str | None) -> str:
+    """``--architecture``, or a deprecated ``--model``/``--arch`` value (warned)."""
+    if legacy is None:
+        return architecture
+    if legacy not in ARCHS:
+        raise fail(
+            f"--model {legacy!r}: on this command --model was the architecture, and now means a "
+            f"checkpoint everywhere; give the architecture with --architecture ({', '.join(ARCHS)})"
+        )
+    from rich.console import Console
+
+    Console(stderr=True).print(
+        f"[yellow]warning:[/] --model/--arch {legacy} is deprecated here and will mean a "
+        f"checkpoint in the next release; use --architecture {legacy}",
+        highlight=False,
+    )
+    return legacy
 
 
 def parse_stages(text: str | None) -> tuple[int, ...] | None:
