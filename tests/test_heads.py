@@ -170,3 +170,32 @@ def test_mlp_head_from_the_command_line(embedded, tmp_path: Path) -> None:  # no
     )  # fmt: skip
     assert result.exit_code == 1 and "--encoder-weights" in result.output
     assert "Traceback" not in result.output
+
+
+def test_duoformer_on_the_vit_trains_resumes_and_keeps_its_weights_out(
+    embedded, tmp_path: Path
+) -> None:  # noqa: ANN001
+    from safetensors import safe_open
+
+    store, weights, _, _ = embedded
+    config = ModelConfig(
+        arch="duoformer", backbone=SPEC.name, backbone_weights=str(weights), num_classes=4,
+        input_size_px=32, patch_size_px=16, embed_dim=32, scale_depth=1, patch_depth=1,
+        scale_heads=2, patch_heads=2, patch_block="prenorm",
+    )  # fmt: skip
+    settings = dict(iterations_per_epoch=2, batch_size=8, num_workers=0, seed=0, scheduler="none")
+    run = tmp_path / "duo"
+    train(store, run, TrainConfig(epochs=1, **settings), model_config=config, progress=False)
+    result = train(
+        store, run, TrainConfig(epochs=2, **settings), model_config=config, resume=True,
+        progress=False,
+    )  # fmt: skip
+    assert json.loads((run / "report.json").read_text())["epochs_run"] == 2
+    for name in ("best.pt", "last.pt"):
+        with safe_open(str(run / name), "pt") as f:
+            keys = list(f.keys())
+        assert keys and not any(".backbone.trunk." in k for k in keys), name
+    meta = load_checkpoint(result.best_checkpoint)["meta"]["model_config"]
+    assert meta["encoder_weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    model, _ = load_model(result.best_checkpoint, encoder_weights=weights)
+    assert model.backbone.weights_sha256 == meta["encoder_weights_sha256"]

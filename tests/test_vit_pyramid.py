@@ -71,6 +71,7 @@ def test_pyramid_levels_follow_the_patch_size(vit) -> None:  # noqa: ANN001
     assert [s.stride_px for s in feature_levels("uni2-h")] == [7, 14, 28]  # patch 14
     assert [s.stride_px for s in feature_levels("gigapath")] == [4, 8, 16, 32]
     assert pyramid_blocks(24, 4) == [5, 11, 17, 23]
+    assert pyramid_blocks(2, 4) == [0, 0, 1, 1]  # shallow ViTs share blocks between levels
 
 
 def test_duoformer_on_vit_builds_trains_a_step_and_reports_flops(vit, tmp_path: Path) -> None:  # noqa: ANN001
@@ -125,3 +126,36 @@ def test_model_info_command_on_a_vit_backbone(vit) -> None:  # noqa: ANN001
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)["info"]
     assert info["gflops_per_tile"] > 0 and info["params_trainable"] < info["params_total"]
+
+
+def test_checkpoints_never_hold_the_vits_weights(vit, tmp_path: Path) -> None:  # noqa: ANN001
+    import hashlib
+
+    from model_configs import tiny_meta
+    from safetensors.torch import save_file
+
+    from histoduo.models.checkpoint import CheckpointError, load_model, save_checkpoint
+    from histoduo.models.encoders.pyramid import shareable_state
+
+    torch.manual_seed(0)
+    weights = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in create_trunk(vit).state_dict().items()}, str(weights))
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    model = build_model(_config(backbone_weights=str(weights))).eval()
+    state = shareable_state(model)
+    assert not any(k.startswith("backbone.trunk.") for k in state)
+    assert any(k.startswith("backbone.project.") for k in state)  # the pyramid trains: kept
+    config = _config(encoder=vit.name, encoder_weights_sha256=digest)
+    ckpt = save_checkpoint(tmp_path / "best.pt", state, tiny_meta(config, ["a", "b", "c"]))
+
+    with pytest.raises(CheckpointError, match="--encoder-weights"):
+        load_model(ckpt)
+    other = tmp_path / "other.safetensors"
+    torch.manual_seed(1)
+    save_file({k: v.contiguous() for k, v in create_trunk(vit).state_dict().items()}, str(other))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_model(ckpt, encoder_weights=other)
+    loaded, _ = load_model(ckpt, encoder_weights=weights)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))

@@ -144,3 +144,14 @@ def model_config_from_options(stages: str | None, **fields: Any) -> Any:
         return ModelConfig(stages=parse_stages(stages), **fields)
     except ValueError as err:
         raise fail(str(err)) from err
+
+
+EncoderWeights = Annotated[
+    Path | None,
+    typer.Option(
+        "--encoder-weights",
+        help="The local weights of a foundation-model encoder the checkpoint names (a head on "
+        "its features, or DuoFormer on its ViT): never stored in checkpoints; sha256-checked.",
+        show_default=False,
+    ),
+]

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from histoduo.cli._app import app, fail
+from histoduo.cli._model_options import EncoderWeights
 from histoduo.cli._options import (
     Backend,
     Device,
@@ -163,15 +164,7 @@ def predict_command(
     overwrite: Overwrite = False,
     shard: Shard = None,
     trust_checkpoint: TrustCheckpoint = False,
-    encoder_weights: Annotated[
-        Path | None,
-        typer.Option(
-            "--encoder-weights",
-            help="For a head trained on cached features: the local weights of the encoder "
-            "that made them (checked by sha256).",
-            show_default=False,
-        ),
-    ] = None,
+    encoder_weights: EncoderWeights = None,
     slide_model: SlideModelOption = None,
     slide_features: SlideFeatures = None,
     quiet: Quiet = False,

@@ -20,6 +20,7 @@ from histoduo.cli._model_options import (
     Dropout,
     DropPath,
     EmbedDim,
+    EncoderWeights,
     FeaturesDir,
     FreezeBackbone,
     HiddenDim,
@@ -238,8 +239,7 @@ def train_command(
         patch_depth=patch_depth, patch_heads=patch_heads, scale_token=scale_token,
         patch_block=patch_block, block_order=block_order, patch_attention=patch_attention,
         acp_levels=acp_levels, cat_concepts=cat_concepts, interaction_in=interaction_in,
-        dropout=dropout, drop_path=drop_path,
-        hidden_dim=hidden_dim,
+        dropout=dropout, drop_path=drop_path, hidden_dim=hidden_dim,
     )  # fmt: skip
     # Options left unset take the preset's value (the authors' recipe differs from ours).
     given = {
@@ -298,6 +298,7 @@ def evaluate_command(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     features: FeaturesDir = None,
+    encoder_weights: EncoderWeights = None,
     trust_checkpoint: TrustCheckpoint = False,
 ) -> None:
     """Balanced accuracy, per-class recall/precision/F1 and confusion matrix on a store."""
@@ -316,6 +317,7 @@ def evaluate_command(
             device=device,
             trust_checkpoint=trust_checkpoint,
             features_dir=features,
+            encoder_weights=encoder_weights,
         )
     except (LabelError, HistoduoError, ValueError) as exc:
         raise fail(str(exc)) from None

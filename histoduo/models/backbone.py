@@ -94,11 +94,18 @@ def create_vit_pyramid(config: ModelConfig, out_indices: tuple[int, ...]) -> nn.
             f"{spec.name} weights are never downloaded: pass your local file with "
             f"--backbone-weights (model card: {spec.source or 'see docs/encoders.md'})"
         )
+    digest = ""
     if config.backbone_weights is None:
         trunk = create_trunk(spec)
     else:
-        trunk, _, _ = load_trunk_weights(spec, config.backbone_weights)
-    return ViTPyramid(spec, trunk, out_indices)
+        trunk, _, digest = load_trunk_weights(spec, config.backbone_weights)
+        if config.encoder_weights_sha256 and digest != config.encoder_weights_sha256:
+            raise ValueError(
+                f"{config.backbone_weights}: sha256 {digest[:16]}... is not the "
+                f"{config.encoder_weights_sha256[:16]}... of the {spec.name} weights this "
+                "model was trained with"
+            )
+    return ViTPyramid(spec, trunk, out_indices, weights_sha256=digest)
 
 
 def input_normalization(

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from histoduo.grading.roles import ClassRoles
+from histoduo.models.config import FEATURE_ARCHS
 from histoduo.models.pickles import (  # noqa: F401 - re-exported
     CHECKPOINT_FORMAT,
     MAX_HEADER_BYTES,
@@ -44,6 +45,7 @@ from histoduo.models.pickles import (  # noqa: F401 - re-exported
     untrusted_pickle_error,
     warn_trusted_pickle,
 )
+from histoduo.runtime.errors import HistoduoError
 from histoduo.runtime.files import atomic_write_bytes
 
 CHECKPOINT_VERSION = 2
@@ -378,16 +380,19 @@ def load_checkpoint(
     return payload
 
 
-def _check_weights(path: Path, config: Any, state: dict[str, Any]) -> None:
+def _check_weights(
+    path: Path, config: Any, state: dict[str, Any], may_lack: str | None = None
+) -> None:
     """Names, shapes and finiteness of the stored weights against the stored config, on a
-    model built on torch's meta device (shapes only, no memory), before the real build."""
+    model built on torch's meta device (shapes only, no memory), before the real build.
+    ``may_lack``: a prefix of tensors the file leaves out (a foundation-model trunk)."""
     import torch
 
     from histoduo.models import build_model
 
     with torch.device("meta"):
         expected = build_model(config).state_dict()
-    missing = [k for k in expected if k not in state]
+    missing = [k for k in expected if k not in state and not (may_lack and k.startswith(may_lack))]
     unexpected = [k for k in state if k not in expected]
     wrong = [
         f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
@@ -424,8 +429,10 @@ def load_model(
     map_location: str = "cpu",
     *,
     trust: bool = False,
+    encoder_weights: str | Path | None = None,
 ) -> tuple[Any, CheckpointMeta]:
-    """(model in eval mode, meta) rebuilt from a checkpoint alone.
+    """(model in eval mode, meta) rebuilt from a checkpoint alone (and, for DuoFormer on a
+    foundation-model ViT, the user's ``encoder_weights``, hash-checked).
 
     A head on cached features (arch linear/mlp) takes features; :func:`histoduo.models.heads.
     load_tile_model` puts its encoder in front for tiles."""
@@ -433,15 +440,37 @@ def load_model(
 
     payload = load_checkpoint(path, map_location, trust=trust)
     meta = CheckpointMeta.from_dict(payload["meta"])
-    # The state dict holds the backbone; never re-read the original weights file.
+    # The state dict holds the backbone; never re-read the original weights file. Except a
+    # foundation-model ViT's (DuoFormer on its pyramid): its licence keeps it out of
+    # checkpoints, so the user passes the file again and its sha256 must match.
+    from histoduo.models.encoders.pyramid import TRUNK_PREFIX, load_shareable_state
+
     try:
-        config = ModelConfig.from_dict(meta.model_config).replace(backbone_weights=None)
-        _check_weights(Path(path), config, payload["model_state"])
-        model = build_model(config)
+        config = ModelConfig.from_dict(meta.model_config)
+        # A foundation-model ViT's weights stay out of checkpoints (their licence).
+        foundation = config.arch not in FEATURE_ARCHS and bool(config.encoder_weights_sha256)
+        _check_weights(
+            Path(path),
+            config.replace(backbone_weights=None),
+            payload["model_state"],
+            may_lack=TRUNK_PREFIX if foundation else None,
+        )
+        weights = None
+        if foundation:
+            if encoder_weights is None:
+                raise CheckpointError(
+                    path,
+                    f"DuoFormer on {config.backbone}: the ViT's weights are not in the "
+                    "checkpoint (their licence); pass them with --encoder-weights FILE",
+                )
+            weights = str(encoder_weights)
+        model = build_model(config.replace(backbone_weights=weights))
+    except HistoduoError as exc:
+        raise CheckpointError(exc.path, exc.reason) from exc
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(path, f"the stored model config is not usable ({exc})") from exc
     try:
-        model.load_state_dict(payload["model_state"])
+        load_shareable_state(model, payload["model_state"])
     except RuntimeError as exc:
         raise CheckpointError(path, f"weights do not fit the stored model config ({exc})") from exc
     model.eval()

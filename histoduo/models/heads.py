@@ -97,10 +97,13 @@ def with_encoder(
             f"this head classifies {config.encoder} features: pass that encoder's weights "
             f"with --encoder-weights FILE (sha256 {expected[:16]}...)",
         )
-    spec = resolve_encoder(str(config.encoder))
+    from histoduo.models.encoders.build import CHECKPOINT_SUFFIXES
+
+    # A histoduo checkpoint as encoder is its own weights: rebuild it from the file the user
+    # passes (wherever it lives now); the hash below proves it is the same checkpoint.
+    from_checkpoint = Path(str(config.encoder)).suffix in CHECKPOINT_SUFFIXES
+    spec = resolve_encoder(str(weights) if from_checkpoint else str(config.encoder))
     file = Path(spec.checkpoint) if spec.checkpoint else resolve_weights_file(weights)
-    if spec.checkpoint and Path(weights).resolve() != file.resolve():
-        raise EncoderError(weights, f"the features came from the checkpoint {file}: pass it")
     digest = sha256_file(file)
     if expected and digest != expected:
         raise EncoderError(
@@ -124,7 +127,7 @@ def load_tile_model(
     from histoduo.models.checkpoint import CheckpointError, load_model
     from histoduo.models.encoders import EncoderError
 
-    model, meta = load_model(path, map_location, trust=trust)
+    model, meta = load_model(path, map_location, trust=trust, encoder_weights=encoder_weights)
     if meta.model_config.get("arch") in FEATURE_ARCHS:
         try:
             model = with_encoder(model, encoder_weights, path)

@@ -252,6 +252,13 @@ def embed_store(
     )
 
     store_path = Path(store_path)
+    with TileStore(store_path) as store:  # the store first: loading a big encoder takes a while
+        slides = list(params.slides) if params.slides is not None else store.slides
+        unknown = sorted(set(slides) - set(store.slides))
+        if unknown:
+            raise EmbedError(store_path, f"no such slides in the store: {unknown[:5]}")
+        records = {name: store.record(name) for name in slides}
+        require_pixels(store)  # a coordinates-only store: say so before loading anything
     if encoder is None:
         try:
             encoder = build_encoder(resolve_encoder(params.encoder), params.weights)
@@ -261,13 +268,6 @@ def embed_store(
     digest = encoder.weights_sha256
     folder = feature_dir(out_dir, spec.name)
     result = EmbedResult(folder, spec.name, digest)
-    with TileStore(store_path) as store:
-        slides = list(params.slides) if params.slides is not None else store.slides
-        unknown = sorted(set(slides) - set(store.slides))
-        if unknown:
-            raise EmbedError(store_path, f"no such slides in the store: {unknown[:5]}")
-        records = {name: store.record(name) for name in slides}
-        require_pixels(store)  # a coordinates-only store: say so before loading anything
     for mpp in sorted({r.target_mpp for r in records.values()}):
         warning = _mpp_warning(spec, mpp)
         if warning:

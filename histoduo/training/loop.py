@@ -20,6 +20,7 @@ import pandas as pd
 
 from histoduo.grading import ClassRoles
 from histoduo.models.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from histoduo.models.encoders.pyramid import load_shareable_state, shareable_state
 from histoduo.runtime.files import atomic_write, atomic_write_text, remove_stale_temporaries
 from histoduo.runtime.progress import EpochProgress
 from histoduo.store import TileStore, require_pixels
@@ -168,7 +169,7 @@ def _resume_or_start(
         state = payload.get("train_state")
         if state is None:
             raise LabelError(f"{last}: has no training state to resume from")
-        session.model.load_state_dict(payload["model_state"])
+        load_shareable_state(session.model, payload["model_state"])
         session.optimizer.load_state_dict(state["optimizer"])
         session.scheduler.load_state_dict(state["scheduler"])
         random.setstate(state["python_rng"])
@@ -234,7 +235,7 @@ def _save_epoch(
         "numpy_rng": np.random.get_state(),
         "torch_rng": torch.get_rng_state(),
     }
-    out, state = session.out, session.model.state_dict()
+    out, state = session.out, shareable_state(session.model)  # never a licensed ViT's weights
     if improved:
         save_checkpoint(out / "best.pt", state, meta)
     save_checkpoint(out / "last.pt", state, meta, train_state)
@@ -273,7 +274,9 @@ def _final_report(
     from histoduo.training.plots import confusion_matrix_plot
 
     out, table = session.out, session.table
-    model, meta = load_model(out / "best.pt", trust=trust)  # an old run's best.pt: a pickle
+    model, meta = load_model(  # an old run's best.pt: a pickle
+        out / "best.pt", trust=trust, encoder_weights=session.model_config.backbone_weights
+    )
     model = model.to(session.device)
     report: dict[str, Any] = {
         "best_epoch": meta.epoch,
@@ -333,6 +336,7 @@ def evaluate(
     decode: str = "auto",
     precision: str = "auto",
     features_dir: str | Path | None = None,
+    encoder_weights: str | Path | None = None,
 ) -> dict[str, Any]:
     """The classification report of a checkpoint on a store's labelled tiles.
 
@@ -346,7 +350,7 @@ def evaluate(
     """
     from histoduo.models.checkpoint import load_model
 
-    model, meta = load_model(checkpoint, trust=trust_checkpoint)
+    model, meta = load_model(checkpoint, trust=trust_checkpoint, encoder_weights=encoder_weights)
     store = TileStore(store_path)
     head = meta.model_config.get("arch") in ("linear", "mlp")
     if not head:

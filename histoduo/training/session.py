@@ -306,6 +306,13 @@ def setup_session(
         model_config = model_config.replace(num_classes=n_classes)
     _seed_everything(config.seed)
     model = build_model(model_config, trust_weights=trust_weights)
+    from histoduo.models.encoders.pyramid import foundation_weights_sha256
+
+    if foundation_weights_sha256(model):  # checkpoints name the ViT's weights, never hold them
+        model_config = model_config.replace(
+            encoder=model_config.backbone,
+            encoder_weights_sha256=foundation_weights_sha256(model),
+        )
     if features is not None:  # the encoder's input statistics, for predict on slides
         mean, std = list(features.info.mean), list(features.info.std)
     else:

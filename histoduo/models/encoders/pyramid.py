@@ -33,8 +33,9 @@ def pyramid_scales(patch_size_px: int) -> tuple[float, ...]:
 
 
 def pyramid_blocks(depth: int, n_levels: int) -> list[int]:
-    """Evenly spaced block indices ending at the last block (finest level first)."""
-    return [round((i + 1) * depth / n_levels) - 1 for i in range(n_levels)]
+    """Evenly spaced block indices ending at the last block (finest level first); a ViT
+    shallower than the pyramid gives some levels the same block."""
+    return [max(0, round((i + 1) * depth / n_levels) - 1) for i in range(n_levels)]
 
 
 def _rescale(dim: int, scale: float) -> tuple[nn.Module, int]:
@@ -66,6 +67,7 @@ class ViTPyramid(nn.Module):
         trunk: nn.Module,
         levels: Sequence[int] | None = None,
         channels: int = PYRAMID_CHANNELS,
+        weights_sha256: str = "",
     ) -> None:
         super().__init__()
         if not hasattr(trunk, "forward_intermediates") or not hasattr(trunk, "blocks"):
@@ -90,6 +92,7 @@ class ViTPyramid(nn.Module):
         self.project = nn.ModuleList(project)
         self.strides_px = [int(patch / s) for s in self.scales]
         self.channels = channels
+        self.weights_sha256 = weights_sha256  # of the ViT's weights file ('' = random)
 
     def train(self, mode: bool = True) -> ViTPyramid:
         super().train(mode)
@@ -97,10 +100,12 @@ class ViTPyramid(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        unique = sorted(set(self.block_indices))  # timm returns each block once
         with torch.no_grad():
-            maps = self.trunk.forward_intermediates(
-                x, indices=self.block_indices, output_fmt="NCHW", intermediates_only=True
+            taken = self.trunk.forward_intermediates(
+                x, indices=unique, output_fmt="NCHW", intermediates_only=True
             )
+        maps = [taken[unique.index(block)] for block in self.block_indices]
         return [proj(up(m)) for up, proj, m in zip(self.rescale, self.project, maps)]
 
 
@@ -117,3 +122,36 @@ def _patch_from_name(timm_name: str) -> int:
     if match is None:
         raise ValueError(f"cannot tell the patch size of {timm_name}")
     return int(match.group(1))
+
+
+# The frozen ViT's tensors inside a classifier's state dict (DuoFormer keeps the pyramid as
+# ``backbone``): they are the user's licensed weights, never written into checkpoints.
+TRUNK_PREFIX = "backbone.trunk."
+
+
+def foundation_weights_sha256(model: nn.Module) -> str:
+    """sha256 of the weights file of a model's foundation-model ViT ('' if none or random)."""
+    backbone = getattr(model, "backbone", None)
+    return getattr(backbone, "weights_sha256", "") if isinstance(backbone, ViTPyramid) else ""
+
+
+def shareable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict to save: without the ViT's tensors when they came from a weights file
+    (the checkpoint names the file by sha256; predict takes it again with --encoder-weights)."""
+    state = model.state_dict()
+    if not foundation_weights_sha256(model):
+        return state
+    return {k: v for k, v in state.items() if not k.startswith(TRUNK_PREFIX)}
+
+
+def load_shareable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``load_state_dict`` that accepts exactly the ViT's tensors missing (loaded from the
+    user's weights file when the model was built); anything else missing is an error."""
+    result = model.load_state_dict(state, strict=False)
+    allowed = TRUNK_PREFIX if foundation_weights_sha256(model) else None
+    missing = [k for k in result.missing_keys if allowed is None or not k.startswith(allowed)]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"state dict does not fit: missing {missing[:5]}, unexpected "
+            f"{result.unexpected_keys[:5]}"
+        )
