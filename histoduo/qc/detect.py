@@ -22,12 +22,11 @@ from histoduo.qc.params import (
 )
 from histoduo.tissue.detect import (
     TissueMask,
-    channel_max_min,
     pen_ink_mask,
     remove_small_objects_px,
 )
 
-# Pixels whose darkest channel is brighter than this are glass for the blur measure (its
+# Pixels whose green channel is brighter than this are glass for the blur measure (its
 # texture is sensor grain, which would read as "sharp").
 _BLUR_GLASS_MIN_CHANNEL = 215
 
@@ -194,13 +193,13 @@ def block_sharpness(tile: np.ndarray, block_px: int, min_tissue_fraction: float)
     green = tile[:h2, :w2, 1].astype(np.uint16)
     sums = green[0::2, 0::2] + green[1::2, 0::2] + green[0::2, 1::2] + green[1::2, 1::2]
     od = _OD_LUT4[sums]  # optical density of the 2 x 2 mean, by table
-    bright = channel_max_min(tile[:h2:2, :w2:2])[1]
     h, w = od.shape
     lap = np.zeros_like(od)
     lap[1:-1, 1:-1] = (
         4.0 * od[1:-1, 1:-1] - od[:-2, 1:-1] - od[2:, 1:-1] - od[1:-1, :-2] - od[1:-1, 2:]
     )
-    tissue = bright < _BLUR_GLASS_MIN_CHANNEL
+    # Glass is bright in green too; eosin and hematoxylin both absorb green strongly.
+    tissue = sums < 4 * _BLUR_GLASS_MIN_CHANNEL
     tissue[0, :] = tissue[-1, :] = tissue[:, 0] = tissue[:, -1] = False  # no Laplacian there
     block_px = max(1, block_px // 2)
     b = max(1, min(block_px, h, w))
