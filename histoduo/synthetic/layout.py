@@ -180,7 +180,7 @@ class SyntheticSlide:
         """Ground truth of the drawn artefacts: {"pen", "blur", "fold"} -> bool masks."""
         from histoduo.synthetic.artefacts import artefact_masks
 
-        return artefact_masks(self.spec, downsample)
+        return artefact_masks(self.spec, downsample, self.tissue_mask(downsample))
 
     def tissue_mask(self, downsample: float) -> np.ndarray:
         return self.label_map(downsample) > 0
