@@ -6,7 +6,7 @@
 The runs alternate (off, exclude, off, exclude, ...) so drifting machine load hits both, and
 the best time of each is compared. Goal: QC adds at most 10 % to `tile`'s time. Pen and fold
 run on the thumbnail in the planner thread; blur runs in the tile workers on pixels they
-already hold (histoduo.tiling.qc_chunks).
+already hold (histoduo.tiling.chunks).
 """
 
 from __future__ import annotations

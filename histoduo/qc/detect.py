@@ -22,12 +22,11 @@ from histoduo.qc.params import (
 )
 from histoduo.tissue.detect import (
     TissueMask,
-    channel_max_min,
     pen_ink_mask,
     remove_small_objects_px,
 )
 
-# Pixels whose darkest channel is brighter than this are glass for the blur measure (its
+# Pixels whose green channel is brighter than this are glass for the blur measure (its
 # texture is sensor grain, which would read as "sharp").
 _BLUR_GLASS_MIN_CHANNEL = 215
 
@@ -101,25 +100,23 @@ def _local_median(values: np.ndarray, valid: np.ndarray, window_px: float) -> np
     """Median of ``values`` over a ``window_px`` square around each pixel, with invalid
     pixels (glass) counted at the median of all valid ones.
 
-    Computed on a grid about 12x coarser than the window (the median of a neighbourhood
-    changes slowly), then repeated back: cheap even on big thumbnails.
+    Computed on cells a sixth of the window wide (each cell the mean of its valid pixels,
+    the median of a neighbourhood changes slowly), then repeated back: a few milliseconds
+    even on big thumbnails.
     """
     from scipy import ndimage
 
     fill = float(np.median(values[valid]))
-    step = max(1, int(window_px // 12))
+    step = max(1, int(window_px // 6))
     h, w = values.shape
     hh, ww = -(-h // step), -(-w // step)
-    v = np.full((hh * step, ww * step), np.nan, np.float32)
-    v[:h, :w] = np.where(valid, values, np.nan)
-    cells = v.reshape(hh, step, ww, step).transpose(0, 2, 1, 3).reshape(hh, ww, -1)
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-glass cells: NaN, filled
-            coarse = np.nanmedian(cells, axis=2)
-    coarse = np.where(np.isnan(coarse), fill, coarse)
+    v = np.zeros((hh * step, ww * step), np.float32)
+    n = np.zeros_like(v)
+    v[:h, :w] = np.where(valid, values, 0.0)
+    n[:h, :w] = valid
+    sums = v.reshape(hh, step, ww, step).sum(axis=(1, 3))
+    counts = n.reshape(hh, step, ww, step).sum(axis=(1, 3))
+    coarse = np.where(counts > 0, sums / np.maximum(counts, 1), fill).astype(np.float32)
     size = max(3, int(round(window_px / step)) | 1)
     med = ndimage.median_filter(coarse, size=size, mode="nearest")
     return np.repeat(np.repeat(med, step, 0), step, 1)[:h, :w]
@@ -196,13 +193,13 @@ def block_sharpness(tile: np.ndarray, block_px: int, min_tissue_fraction: float)
     green = tile[:h2, :w2, 1].astype(np.uint16)
     sums = green[0::2, 0::2] + green[1::2, 0::2] + green[0::2, 1::2] + green[1::2, 1::2]
     od = _OD_LUT4[sums]  # optical density of the 2 x 2 mean, by table
-    bright = channel_max_min(tile[:h2:2, :w2:2])[1]
     h, w = od.shape
     lap = np.zeros_like(od)
     lap[1:-1, 1:-1] = (
         4.0 * od[1:-1, 1:-1] - od[:-2, 1:-1] - od[2:, 1:-1] - od[1:-1, :-2] - od[1:-1, 2:]
     )
-    tissue = bright < _BLUR_GLASS_MIN_CHANNEL
+    # Glass is bright in green too; eosin and hematoxylin both absorb green strongly.
+    tissue = sums < 4 * _BLUR_GLASS_MIN_CHANNEL
     tissue[0, :] = tissue[-1, :] = tissue[:, 0] = tissue[:, -1] = False  # no Laplacian there
     block_px = max(1, block_px // 2)
     b = max(1, min(block_px, h, w))

@@ -148,16 +148,16 @@ def blur_margin_px(spec: SyntheticSlideSpec, downsample: float) -> int:
     return int(math.ceil(3.0 * spec.blur_sigma_um / spec.mpp / float(downsample))) + 1
 
 
-def artefact_masks(spec: SyntheticSlideSpec, downsample: float) -> dict[str, np.ndarray]:
+def artefact_masks(
+    spec: SyntheticSlideSpec, downsample: float, tissue: np.ndarray
+) -> dict[str, np.ndarray]:
     """Ground truth at ``downsample``: {"pen", "blur", "fold"} -> bool (ceil(H/ds), ceil(W/ds)).
 
+    ``tissue`` is the slide's tissue on the same grid (``layout.label_map(spec, ds) > 0``).
     Pen covers glass too; blur and fold count only where there is tissue (a defocused or
     folded patch of glass is not an artefact anyone can see).
     """
-    from histoduo.synthetic.layout import label_map
-
     xs, ys = _grid(spec, downsample)
-    tissue = label_map(spec, downsample) > 0
     pen = np.zeros((ys.size, xs.size), bool)
     for cov, _ in pen_alpha(spec, xs, ys, float(downsample)):
         pen |= cov >= 0.5

@@ -72,6 +72,7 @@ def evaluate_slide(
     import imagecodecs
 
     from histoduo.synthetic.artefacts import artefact_masks
+    from histoduo.synthetic.layout import label_map
 
     W, H = spec.level0_width, spec.level0_height
     ds = max(1.0, tissue.mask_mpp / spec.mpp)
@@ -93,7 +94,7 @@ def evaluate_slide(
     blur = tile_blur_scores(tiles, params) if measure_blur else None
     qc = tile_qc(masks, coords, size, blur, params)
     truth_ds = 4.0
-    truth = artefact_masks(spec, truth_ds)
+    truth = artefact_masks(spec, truth_ds, label_map(spec, truth_ds) > 0)
     fractions = {k: _truth_fractions(truth[k], truth_ds, coords, size) for k in ARTEFACTS}
     scores = {}
     touched = np.zeros(len(coords), bool)

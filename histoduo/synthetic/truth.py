@@ -31,7 +31,7 @@ class SyntheticSlide:
 
     def artefact_masks(self, downsample: float) -> dict[str, np.ndarray]:
         """Ground truth of the drawn artefacts: {"pen", "blur", "fold"} -> bool masks."""
-        return artefact_masks(self.spec, downsample)
+        return artefact_masks(self.spec, downsample, self.tissue_mask(downsample))
 
     def tissue_mask(self, downsample: float) -> np.ndarray:
         return self.label_map(downsample) > 0

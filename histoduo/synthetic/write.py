@@ -13,7 +13,7 @@ import numpy as np
 
 from histoduo.runtime.files import atomic_path, atomic_write_text
 from histoduo.slide.geojson import Polygon
-from histoduo.synthetic.layout import _layout
+from histoduo.synthetic.layout import _layout, label_map
 from histoduo.synthetic.render import render_region
 from histoduo.synthetic.spec import SyntheticSlideSpec, _ceil_div
 from histoduo.synthetic.truth import SyntheticSlide
@@ -81,7 +81,7 @@ def artefact_feature_collection(spec: SyntheticSlideSpec) -> dict:
 
     lay = _layout(spec)
     W, H = spec.level0_width, spec.level0_height
-    masks = artefact_masks(spec, lay.cell)
+    masks = artefact_masks(spec, lay.cell, label_map(spec, lay.cell) > 0)
     feats = []
     for class_name in ARTEFACT_CLASSES:
         rings = _mask_polygons(masks[class_name.lower()], lay.cell, W, H)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from histoduo import __version__
-from histoduo.qc import ArtefactMasks, QCParams, check_mode, detect_artefacts
+from histoduo.qc import DEFAULT_QC_MODE, ArtefactMasks, QCParams, check_mode, detect_artefacts
 from histoduo.runtime.errors import HistoduoError, OutputError, output_error
 from histoduo.runtime.pool import LazyPool, default_workers
 from histoduo.runtime.progress import SlideProgress
@@ -54,13 +54,13 @@ from histoduo.store import (
     write_trident_file,
 )
 from histoduo.tiling import read as tileio
+from histoduo.tiling.chunks import BlurCollector, store_slide_qc, tile_blocks
 from histoduo.tiling.geometry import TileGeometry, open_overview, plan_tiles, require_tiles
 from histoduo.tiling.labels import Labeller
 from histoduo.tiling.params import TilingParams
 from histoduo.tiling.report import SlideResult, TilingReport
 from histoduo.tissue import NoTissueError, detect_tissue
 
-_CHUNK_TILES = 16  # small enough that the last chunks balance across workers
 _INDEX_EVERY_S = 5.0  # finished slides reach the index at least this often
 
 
@@ -136,7 +136,7 @@ def tile_slides(
     progress: bool = True,
     log: Any = None,
     qc: QCParams | None = None,
-    qc_mode: str = "exclude",
+    qc_mode: str = DEFAULT_QC_MODE,
 ) -> TilingReport:
     """Tile every slide into the store at ``out_path``; returns (and writes) the run report.
 
@@ -146,10 +146,7 @@ def tile_slides(
     have been saved, and a SlideError is raised. Only the slides tiled and the index are
     written: the other slides' files are not touched.
 
-    ``qc_mode`` (``exclude``, ``flag``, ``off``; thresholds ``qc``, default QCParams()):
-    artefact QC of every tile, stored beside ``tissue_fraction`` with the mode, so training
-    knows whether to leave flagged tiles out. QC is not part of the resume fingerprint: it
-    changes no tile.
+    ``qc_mode``/``qc``: artefact QC per tile, stored with the mode (tiling/chunks.py).
     """
     out_path = Path(out_path)
     check_mode(qc_mode)
@@ -409,7 +406,7 @@ def _start_slide(
     if encoding is None:
         blocks: Iterator[Any] = iter(())
     else:
-        blocks = _tile_blocks(source, plan, params, run.backend, pool, run.qc)
+        blocks = tile_blocks(source, plan.coords, plan.geometry, params, run.backend, pool, run.qc)
     return _SlideJob(source, plan, writer, blocks, started)
 
 
@@ -419,15 +416,12 @@ def _finish_slide(job: _SlideJob, run: _TileRun) -> SlideResult:
         run.bars.start_slide(source.name, len(plan.coords))
         written = 0
         t0 = time.perf_counter()
-        blur: list[np.ndarray] = []
-        for block in job.blocks:
-            if isinstance(block, tuple):  # (tiles, blur scores) from a QC worker
-                block, scores = block
-                blur.append(scores)
+        blur = BlurCollector()  # blur scores ride with the tiles from QC workers
+        for block in blur.tiles(job.blocks):
             writer.append(block)
             written += len(block)
             run.bars.advance_tiles(len(block), written / max(time.perf_counter() - t0, 1e-9))
-        burdens = _store_qc(job, run, np.concatenate(blur) if blur else None)
+        burdens = store_slide_qc(writer, plan, blur.scores, run.qc, run.qc_mode)
         path = writer.commit()
         write_trident_coords(trident_file_path(run.out_path, source.name), plan.coords, plan.record)
     except BaseException as exc:
@@ -446,80 +440,5 @@ def _finish_slide(job: _SlideJob, run: _TileRun) -> SlideResult:
         n_tiles=len(plan.coords),
         tissue_area_mm2=plan.record.tissue_area_mm2,
         seconds=time.perf_counter() - job.started,
-        **{f"qc_{k}": v for k, v in (burdens or {}).items()},
+        **{f"qc_{k}": v for k, v in burdens.items()},
     )
-
-
-def _store_qc(job: _SlideJob, run: _TileRun, blur: np.ndarray | None) -> dict[str, float] | None:
-    """Per-tile QC into the slide file (before its commit); returns the slide's burdens."""
-    import json
-
-    from histoduo.qc import slide_burdens, tile_qc
-
-    plan = job.plan
-    if run.qc is None or plan.artefacts is None:
-        return None
-    size0 = plan.geometry.tile_size_level0
-    tiles = tile_qc(plan.artefacts, plan.coords, size0, blur, run.qc)
-    burdens = slide_burdens(plan.artefacts, tiles, plan.fractions)
-    info = {
-        "mode": run.qc_mode,
-        "blur_measured": blur is not None,  # a --dry-run store has no pixels to judge
-        "params": run.qc.to_dict(),
-        "burdens": burdens,
-    }
-    job.writer.set_qc(
-        {
-            "qc_pen": tiles.pen,
-            "qc_blur": tiles.blur,
-            "qc_fold": tiles.fold,
-            "qc_flags": tiles.flags,
-        },
-        json.dumps(info),
-    )
-    return burdens
-
-
-def _tile_blocks(
-    source: SlideSource,
-    plan: _PlannedSlide,
-    params: TilingParams,
-    backend: str,
-    pool: Any,
-    qc: QCParams | None = None,
-) -> Iterator[Any]:
-    """The slide's tiles in order, in blocks; with a pool, dispatched right away. With
-    ``qc`` each block is (tiles, blur scores), measured in the worker."""
-    coords, geometry = plan.coords, plan.geometry
-    tasks = [
-        tileio.ChunkTask(
-            slide_path=str(source.path),
-            backend=backend,
-            mpp_override=source.mpp,
-            coords=coords[start : start + _CHUNK_TILES],
-            size_level0=geometry.tile_size_level0,
-            tile_size_px=params.tile_size_px,
-            encoding=params.encoding,
-            jpeg_quality=params.jpeg_quality,
-            read_level=geometry.read_level,
-            read_size_px=geometry.read_size_px,
-        )
-        for start in range(0, len(coords), _CHUNK_TILES)
-    ]
-    reader: Any = tileio.read_chunk
-    jobs: list[Any] = tasks
-    if qc is not None:
-        from histoduo.tiling.qc_chunks import QCChunkTask, read_chunk_qc
-
-        reader, jobs = read_chunk_qc, [QCChunkTask(task, qc) for task in tasks]
-    if pool is not None:
-        return pool.imap(reader, jobs)
-    return _in_process(reader, jobs)
-
-
-def _in_process(reader: Any, jobs: list[Any]) -> Iterator[Any]:
-    try:
-        for job in jobs:
-            yield reader(job)
-    finally:
-        tileio.close_cached_slide()
