@@ -12,11 +12,11 @@ import pytest
 import torch
 from model_configs import tiny, tiny_meta
 
+from histoduo.grading import ClassRoles
 from histoduo.models import ModelConfig, build_model
 from histoduo.models.checkpoint import (
     CheckpointError,
     CheckpointMeta,
-    ClassRoles,
     convert_checkpoint,
     load_checkpoint,
     load_model,
