@@ -275,7 +275,7 @@ def _plan_slide(source: SlideSource, run: _TileRun) -> _PlannedSlide:
             read_level_downsample=geometry.read_level_downsample,
             read_level_width=level_w,
             read_level_height=level_h,
-            level0_magnification=slide.magnification,
+            scanner_magnification=slide.magnification,
             read_size_px=geometry.read_size_px,
         )
     return _PlannedSlide(geometry, mask, coords, fractions, labels, record)
