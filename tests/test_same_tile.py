@@ -212,3 +212,55 @@ def test_legacy_clam_stitching_reads_the_imgs_attributes(
         if py + 3 + h <= height and px + 3 + w <= width
     ]
     assert np.mean(shifted) > np.mean(errors) + 2.0
+
+
+def test_a_slide_and_its_raw_store_give_the_same_tiles_and_probabilities(
+    awkward_slide: Path, tmp_path: Path
+) -> None:
+    """One tile reader: ``predict`` on the slide reads the tiles ``tile`` stored, on a pyramid
+    whose level 1 (downsample ~2.003) is where 1.0 um/px tiles are read from."""
+    from histoduo.predict import PredictParams, predict_run
+    from histoduo.results.scores import SlideScores
+    from histoduo.slide import open_slide
+    from histoduo.tiling import TileGeometry
+    from histoduo.tiling.read import read_tile
+    from tests.test_predict import make_checkpoint
+
+    checkpoint = make_checkpoint(tmp_path / "tiny.pt", target_mpp=1.0)  # 64 px at 1.0 um/px
+    predict = PredictParams(
+        workers=0, heatmap=False, thumbnail_max_px=256, min_tissue_fraction=0.9
+    )
+    store = tmp_path / "tiles.h5"
+    tiling = TilingParams(
+        target_mpp=1.0,
+        tile_size_px=64,
+        min_tissue_fraction=predict.min_tissue_fraction,
+        tissue=predict.tissue,
+        encoding="raw",
+    )
+    tile_slides([SlideSource(awkward_slide)], store, tiling, workers=0, progress=False)
+    with TileStore(store) as tiles:
+        record = tiles.record("awk")
+        stored = tiles.read_tiles("awk", np.arange(tiles.num_tiles("awk")))
+        coords = tiles.coords("awk")
+    assert record.read_level == 1 and record.read_level_downsample != 2.0
+
+    with open_slide(awkward_slide) as slide:  # what predict's slide path reads
+        geometry = TileGeometry.for_slide(slide, tiling)
+        direct = np.stack(
+            [read_tile(slide, xy, geometry.read_level, geometry.read_size_px, 64) for xy in coords]
+        )
+    assert np.array_equal(direct, stored)
+
+    from_slide = predict_run(
+        checkpoint, tmp_path / "a", predict, sources=[SlideSource(awkward_slide)]
+    )
+    from_store = predict_run(checkpoint, tmp_path / "b", predict, tiles_store=store)
+    assert [o.status for o in from_slide.outcomes + from_store.outcomes] == ["done", "done"]
+    a = SlideScores.load(tmp_path / "a" / "awk" / "scores.npz")
+    b = SlideScores.load(tmp_path / "b" / "awk" / "scores.npz")
+    assert np.array_equal(a.coords, b.coords)
+    # the same input tensors in the same batches: bit for bit the same outputs (an untrained
+    # model is near-uniform, so anything looser could not see a different read)
+    assert np.array_equal(a.probs, b.probs)
+    assert float(np.ptp(a.probs, axis=0).max()) > 0  # the outputs do depend on the tile

@@ -73,7 +73,8 @@ class SlideTiles(IterableDataset):
         backend: str,
         mpp_override: float | None,
         coords: np.ndarray,
-        size_level0: int,
+        read_level: int,
+        read_size_px: int,
         tile_size_px: int,
         batch_size: int,
         transform: _TransformSpec,
@@ -82,7 +83,8 @@ class SlideTiles(IterableDataset):
         self.backend = backend
         self.mpp_override = mpp_override
         self.coords = coords
-        self.size_level0 = size_level0
+        self.read_level = read_level  # with read_size_px: the tiling geometry's read
+        self.read_size_px = read_size_px
         self.tile_size_px = tile_size_px
         self.batch_size = batch_size
         self.transform = transform
@@ -102,7 +104,7 @@ class SlideTiles(IterableDataset):
                 stop = min(start + self.batch_size, len(self.coords))
                 tiles = np.stack(
                     [
-                        read_tile(slide, xy, self.size_level0, self.tile_size_px)
+                        read_tile(slide, xy, self.read_level, self.read_size_px, self.tile_size_px)
                         for xy in self.coords[start:stop]
                     ]
                 )

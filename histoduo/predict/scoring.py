@@ -88,7 +88,8 @@ def scores_from_slide(
         params.backend,
         source.mpp,
         coords,
-        geometry.tile_size_level0,
+        geometry.read_level,  # the tiler's read (tiling/read.py): same tiles as a store's
+        geometry.read_size_px,
         tiling.tile_size_px,
         predictor.batch_size,
         predictor.transform,

@@ -421,12 +421,11 @@ def _tile_blocks(
             backend,
             source.mpp,
             coords[start : start + _CHUNK_TILES],
-            geometry.tile_size_level0,
+            geometry.read_level,
+            geometry.read_size_px,
             params.tile_size_px,
             params.encoding,
             params.jpeg_quality,
-            read_level=geometry.read_level,
-            read_size_px=geometry.read_size_px,
         )
         for start in range(0, len(coords), _CHUNK_TILES)
     ]
