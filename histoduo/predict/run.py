@@ -226,15 +226,12 @@ def _jobs(
         for job in jobs:  # before anything is written or cleared under OUT/<name>
             check_output_name(job.name, job.path)
         return jobs
-    from histoduo.slide.sources import select_shard
+    from histoduo.slide.sources import select_names
     from histoduo.store import TileStore, require_pixels
 
     run.store = TileStore(tiles_store)
     require_pixels(run.store)
-    names = run.store.slides
-    if shard is not None:
-        keep = {s.name for s in select_shard([SlideSource(Path(n)) for n in names], shard)}
-        names = [n for n in names if n in keep]
+    names = select_names(run.store.slides, shard)  # the same rule as for slide files
     jobs = [_Job(name, str(tiles_store)) for name in names]
     for job in jobs:  # a crafted store may name a slide '../../x'
         check_output_name(job.name, job.path)
