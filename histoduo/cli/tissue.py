@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from histoduo.cli._app import app, fail
-from histoduo.cli._options import Shard, SlideInputs
+from histoduo.cli._options import Shard, SkipErrors, SlideInputs
 
 
 @app.command("tissue")
@@ -41,9 +41,7 @@ def tissue_command(
         str, typer.Option(help="intersect: ROI AND detected tissue; replace: the ROI only.")
     ] = "intersect",
     shard: Shard = None,
-    skip_errors: Annotated[
-        bool, typer.Option(help="Report failing slides and go on; exit 0.")
-    ] = False,
+    skip_errors: SkipErrors = False,
 ) -> None:
     """Detect tissue; write <name>_mask.png, <name>_overlay.png and <name>_tissue.geojson."""
     from rich.console import Console
@@ -88,6 +86,10 @@ def tissue_command(
         raise fail(str(report.first_error))
     for result in report.failed:
         console.print(f"[yellow]skipped:[/] {result.error}", highlight=False)
+    if report.failed:
+        from histoduo.runtime.exitcodes import EXIT_SOME_FAILED
+
+        raise typer.Exit(EXIT_SOME_FAILED)
 
 
 def _table(report: Any) -> Any:

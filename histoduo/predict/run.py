@@ -35,11 +35,10 @@ from histoduo.predict.scoring import (
 )
 from histoduo.results.layout import ERROR_FILE, SlideSummary, is_done, manifest_name
 from histoduo.results.tables import write_slides_csv
-from histoduo.runtime.errors import HistoduoError
 from histoduo.runtime.files import atomic_write_text, remove_stale_temporaries
 from histoduo.runtime.pool import default_workers
 from histoduo.runtime.prefetch import Prefetcher
-from histoduo.runtime.slides import run_slides
+from histoduo.runtime.slides import failure_text, run_slides
 from histoduo.slide import SlideError
 from histoduo.slide.sources import SlideSource
 
@@ -131,15 +130,14 @@ class _PredictRun:
         call = f"{grade.call} ({grade.confidence:.2f})"
         self.say(f"{job.name}: {n} tiles, {call}, {seconds:.1f} s{flag}")
 
-    def failed(self, job: _Job, exc: HistoduoError, status: str, seconds: float) -> None:
-        self.outcomes.append(
-            SlideOutcome(job.name, job.path, status, seconds=seconds, error=str(exc))
-        )
+    def failed(self, job: _Job, exc: Exception, status: str, seconds: float) -> None:
+        text = failure_text(exc)
+        self.outcomes.append(SlideOutcome(job.name, job.path, status, seconds=seconds, error=text))
         slide_dir = self.out / job.name
         slide_dir.mkdir(parents=True, exist_ok=True)
-        error = {"slide": job.name, "path": job.path, "status": status, "error": str(exc)}
+        error = {"slide": job.name, "path": job.path, "status": status, "error": text}
         atomic_write_text(slide_dir / ERROR_FILE, json.dumps(error))
-        self.say(f"[red]{exc}[/]")
+        self.say(f"[red]{text}[/]")
 
 
 def predict_run(

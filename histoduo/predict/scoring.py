@@ -27,6 +27,13 @@ if TYPE_CHECKING:
     from histoduo.tiling import TilingParams
 
 
+# predict takes its tissue settings from the checkpoint: the options that can help.
+NO_TISSUE_HINT = (
+    "check the slide's mpp (--slide-mpp), or tile it with `histoduo tile` (--mask-mpp) and "
+    "predict the store with --tiles"
+)
+
+
 def class_colors(names: Sequence[str]) -> np.ndarray:
     return np.array([class_color(n) for n in names], dtype=np.uint8).reshape(-1, 3)
 
@@ -58,7 +65,7 @@ def plan_slide(source: SlideSource, params: PredictParams, tiling: TilingParams)
 
     with open_slide(source.path, params.backend, source.mpp) as slide:
         geometry = TileGeometry.for_slide(slide, tiling)  # fails clearly without mpp
-        mask = require_tissue(detect_tissue(slide, tiling.tissue), source.path)
+        mask = require_tissue(detect_tissue(slide, tiling.tissue), source.path, NO_TISSUE_HINT)
         width0, height0 = slide.dimensions
         coords, fractions = plan_tiles(mask, geometry, width0, height0, tiling.min_tissue_fraction)
         hint = " (try a lower --min-tissue)"

@@ -24,10 +24,9 @@ from typing import Any
 import numpy as np
 
 from histoduo import __version__
-from histoduo.runtime.errors import HistoduoError
 from histoduo.runtime.pool import LazyPool, default_workers
 from histoduo.runtime.progress import SlideProgress
-from histoduo.runtime.slides import status_of
+from histoduo.runtime.slides import failure_text, per_slide_errors, status_of
 from histoduo.slide import SlideError
 from histoduo.slide.sources import SlideSource
 from histoduo.store import (
@@ -57,7 +56,13 @@ from histoduo.tiling.geometry import TileGeometry, open_overview, plan_tiles, re
 from histoduo.tiling.labels import Labeller
 from histoduo.tiling.params import TilingParams
 from histoduo.tiling.report import SlideResult, TilingReport
-from histoduo.tissue import NoTissueError, detect_tissue
+from histoduo.tissue import detect_tissue, require_tissue
+
+# Options of `tile` that change what counts as tissue (--min-tissue only filters tiles).
+NO_TISSUE_HINT = (
+    "check the slide's mpp (--slide-mpp), try a finer --mask-mpp, leave out --exclude-pen, "
+    "or look at the mask with `histoduo tissue` (which takes --min-object-area-um2 and --roi)"
+)
 
 _CHUNK_TILES = 16  # small enough that the last chunks balance across workers
 _INDEX_EVERY_S = 5.0  # finished slides reach the index at least this often
@@ -98,12 +103,13 @@ class _TileRun:
         self.results.append(_skipped(source, record))
         return True
 
-    def failed(self, source: SlideSource, exc: HistoduoError, status: str, seconds: float) -> None:
+    def failed(self, source: SlideSource, exc: Exception, status: str, seconds: float) -> None:
+        text = failure_text(exc)
         self.results.append(
-            SlideResult(source.name, str(source.path), status, error=str(exc), seconds=seconds)
+            SlideResult(source.name, str(source.path), status, error=text, seconds=seconds)
         )
         if self.log is not None:
-            self.log(f"[red]{exc}[/]")
+            self.log(f"[red]{text}[/]")
 
     def add(self, entry: IndexEntry) -> None:
         """A committed slide: listed by the next index write (soon, or at the end)."""
@@ -239,10 +245,7 @@ def _plan_slide(source: SlideSource, run: _TileRun) -> _PlannedSlide:
         mask = detect_tissue(slide, params.tissue)
         width0, height0 = slide.dimensions
         coords, fractions = plan_tiles(mask, geometry, width0, height0, params.min_tissue_fraction)
-        if not mask.mask.any():
-            raise NoTissueError(
-                source.path, "no tissue found (try a lower --min-tissue or check the slide)"
-            )
+        require_tissue(mask, source.path, NO_TISSUE_HINT)
         labels = None
         if run.labeller is not None:
             labels = run.labeller.labels_for(source, mask, coords, geometry.tile_size_level0)
@@ -294,7 +297,7 @@ class _SlideJob:
 
 def _run_pipeline(
     sources: Sequence[SlideSource], run: _TileRun, skip_errors: bool
-) -> HistoduoError | None:
+) -> Exception | None:
     """Tile ``sources`` in order; returns the error that stopped the run, or None.
 
     Two slides are in the pool at once: the one being written and the next, whose chunks sit
@@ -305,7 +308,8 @@ def _run_pipeline(
     planner = ThreadPoolExecutor(1, thread_name_prefix="histoduo-plan")
     todo = iter(sources)
     jobs: deque[_SlideJob] = deque()
-    first_error: HistoduoError | None = None
+    first_error: Exception | None = None
+    caught = per_slide_errors(skip_errors, (SlideError,))
 
     def plan_next() -> tuple[SlideSource, Future[_PlannedSlide], float] | None:
         for source in todo:
@@ -315,7 +319,7 @@ def _run_pipeline(
             return source, planner.submit(_plan_slide, source, run), time.perf_counter()
         return None
 
-    def failed(source: SlideSource, exc: HistoduoError, started: float) -> None:
+    def failed(source: SlideSource, exc: Exception, started: float) -> None:
         nonlocal first_error
         run.failed(source, exc, status_of(exc), time.perf_counter() - started)
         run.bars.slide_done()
@@ -332,7 +336,7 @@ def _run_pipeline(
                 ahead = plan_next()  # planned while the workers read the slides before it
                 try:
                     job = _start_slide(source, future.result(), run, pool, started)
-                except SlideError as exc:
+                except caught as exc:
                     failed(source, exc, started)
                 else:
                     jobs.append(job)
@@ -341,7 +345,7 @@ def _run_pipeline(
             job = jobs.popleft()
             try:
                 run.results.append(_finish_slide(job, run))
-            except SlideError as exc:
+            except caught as exc:
                 failed(job.source, exc, job.started)
             else:
                 run.bars.slide_done()
