@@ -227,9 +227,7 @@ def test_a_slide_and_its_raw_store_give_the_same_tiles_and_probabilities(
     from tests.test_predict import make_checkpoint
 
     checkpoint = make_checkpoint(tmp_path / "tiny.pt", target_mpp=1.0)  # 64 px at 1.0 um/px
-    predict = PredictParams(
-        workers=0, heatmap=False, thumbnail_max_px=256, min_tissue_fraction=0.9
-    )
+    predict = PredictParams(workers=0, heatmap=False, thumbnail_max_px=256, min_tissue_fraction=0.9)
     store = tmp_path / "tiles.h5"
     tiling = TilingParams(
         target_mpp=1.0,
