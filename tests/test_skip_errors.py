@@ -147,3 +147,24 @@ def test_no_tissue_advice_names_options_that_exist() -> None:
         assert named, text
         assert named <= _options_of(command), (command, named - _options_of(command))
     assert "--min-tissue" not in TILE_HINT  # it filters tiles; it finds no tissue
+
+
+def test_import_exits_3_after_leaving_out_an_image(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for cls in ("benign", "tumour"):
+        (tmp_path / "images" / cls).mkdir(parents=True)
+        for i in range(2):
+            pixels = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / cls / f"img{i}.png")
+    (tmp_path / "images" / "tumour" / "broken.png").write_bytes(b"\x89PNG truncated")
+    args = ["import", str(tmp_path / "images"), "--out", str(tmp_path / "t.h5"), "--mpp", "0.5"]
+    args += ["--workers", "0", "--quiet"]
+    stopped = CliRunner().invoke(app, args)
+    assert stopped.exit_code == EXIT_ERROR, stopped.output
+    result = CliRunner().invoke(app, [*args, "--skip-errors"])
+    assert result.exit_code == EXIT_SOME_FAILED, result.output
+    report = json.loads((tmp_path / "t.h5.report.json").read_text())
+    assert [s["image"] for s in report["skipped"]] == ["tumour/broken.png"]
