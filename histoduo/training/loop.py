@@ -35,6 +35,7 @@ from histoduo.training.data import (
 )
 from histoduo.training.epoch import _predict_rows, train_epoch, validate
 from histoduo.training.metrics import classification_report
+from histoduo.training.resume import cosine_tail, resume_splits, schedule_epochs, tail_start_lr
 from histoduo.training.session import (  # noqa: F401 - _seed_everything, _loader: used by tests
     TrainSession,
     _dataset,
@@ -109,8 +110,15 @@ def train(
     from histoduo.runtime.device import maybe_compile, reset_peak_memory
 
     config = config or TrainConfig()
+    # A resumed run keeps its splits: checked against config.json before anything loads.
+    splits_path = resume_splits(Path(out_dir), config) if resume else None
     session = setup_session(
-        Path(store_path), Path(out_dir), config, model_config, trust_weights=trust_checkpoint
+        Path(store_path),
+        Path(out_dir),
+        config,
+        model_config,
+        trust_weights=trust_checkpoint,
+        splits_path=splits_path,
     )
     dist, out = session.dist, session.out
     say = (log if dist.main else None) or (lambda message: None)  # one rank talks
@@ -168,19 +176,44 @@ def _resume_or_start(
         if state is None:
             raise LabelError(f"{last}: has no training state to resume from")
         session.model.load_state_dict(payload["model_state"])
+        session.tail = state.get("tail")
+        if session.tail is not None:  # an extended run: its tail, before the states load
+            tail = session.tail
+            session.scheduler = cosine_tail(session.optimizer, tail["start_lr"], tail["steps"])
         session.optimizer.load_state_dict(state["optimizer"])
         session.scheduler.load_state_dict(state["scheduler"])
         random.setstate(state["python_rng"])
         np.random.set_state(state["numpy_rng"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch = int(state["epoch"]) + 1
+        session.schedule_epochs = schedule_epochs(state, out)
         say(f"resuming after epoch {start_epoch - 1}")
+        _extend_schedule(session, start_epoch, say)
         return start_epoch, float(state["best_score"]), list(state["history"])
     if session.dist.main:
         out.mkdir(parents=True, exist_ok=True)
         _write_config(session)
         write_splits(out / "splits.csv", session.table, session.split_of)
     return 1, -1.0, []
+
+
+def _extend_schedule(session: TrainSession, start_epoch: int, say: Callable[[str], None]) -> None:
+    """More epochs than the schedule was planned for: a cosine tail (resume.py)."""
+    config = session.config
+    if config.epochs <= session.schedule_epochs or config.scheduler == "none":
+        return
+    remaining = (config.epochs - start_epoch + 1) * session.steps_per_epoch
+    current = float(session.optimizer.param_groups[0]["lr"])
+    start_lr = tail_start_lr(current, config)
+    session.scheduler = cosine_tail(session.optimizer, start_lr, remaining)
+    session.tail = {"start_lr": start_lr, "steps": remaining}
+    say(
+        f"extending the run from {session.schedule_epochs} to {config.epochs} epochs: cosine "
+        f"from lr {start_lr:.3g} to 0 over {remaining} steps"
+    )
+    session.schedule_epochs = config.epochs
+    if session.dist.main:
+        _write_config(session)  # config.json now says the run's epochs
 
 
 def _write_config(session: TrainSession) -> None:
@@ -232,6 +265,8 @@ def _save_epoch(
         "python_rng": random.getstate(),
         "numpy_rng": np.random.get_state(),
         "torch_rng": torch.get_rng_state(),
+        "schedule_epochs": session.schedule_epochs,
+        "tail": session.tail,
     }
     out, state = session.out, session.model.state_dict()
     if improved:
