@@ -7,9 +7,10 @@ never recomputed from the flags, and flags that decide the splits must match the
 ``--resume --epochs N`` with N above the run's epochs extends the run: the learning-rate
 schedule the first run planned (OneCycle or cosine over its epochs) is replaced, from the
 current step, by a cosine *tail* over every remaining step (what the old schedule had left
-plus the added epochs), from the current learning rate down to zero. A run that had
-finished its schedule sits at an annealed, near-zero rate; its tail restarts from a tenth
-of ``--lr`` instead (a warm restart), so the added epochs still learn.
+plus the added epochs), down to zero from the current learning rate or a tenth of ``--lr``,
+whichever is larger. A run that had finished its schedule sits at an annealed, near-zero
+rate, so its tail restarts from a tenth of ``--lr`` (a warm restart) and the added epochs
+still learn.
 """
 
 from __future__ import annotations
