@@ -110,7 +110,9 @@ def train(
     from histoduo.runtime.device import maybe_compile, reset_peak_memory
 
     config = config or TrainConfig()
-    # A resumed run keeps its splits: checked against config.json before anything loads.
+    # A resumed run: its checkpoint first (a pickle is refused before anything else), then
+    # its splits, checked against config.json before the data loads.
+    last = load_checkpoint(Path(out_dir) / "last.pt", trust=trust_checkpoint) if resume else None
     splits_path = resume_splits(Path(out_dir), config) if resume else None
     session = setup_session(
         Path(store_path),
@@ -122,7 +124,7 @@ def train(
     )
     dist, out = session.dist, session.out
     say = (log if dist.main else None) or (lambda message: None)  # one rank talks
-    start_epoch, best_score, history = _resume_or_start(session, resume, say, trust_checkpoint)
+    start_epoch, best_score, history = _resume_or_start(session, last, say)
     net = maybe_compile(session.model, config.compile)
     if dist.enabled:
         device = session.device
@@ -162,16 +164,16 @@ def train(
 
 
 def _resume_or_start(
-    session: TrainSession, resume: bool, say: Callable[[str], None], trust: bool = False
+    session: TrainSession, payload: dict[str, Any] | None, say: Callable[[str], None]
 ) -> tuple[int, float, list[dict[str, Any]]]:
-    """(first epoch, best score, history): from last.pt, or a fresh run's config and splits."""
+    """(first epoch, best score, history): from last.pt's ``payload``, or a fresh run's
+    config and splits."""
     import torch
 
     out = session.out
     remove_stale_temporaries(out)  # a killed run's half-written checkpoint or metrics
-    if resume:
+    if payload is not None:
         last = out / "last.pt"
-        payload = load_checkpoint(last, trust=trust)
         state = payload.get("train_state")
         if state is None:
             raise LabelError(f"{last}: has no training state to resume from")
