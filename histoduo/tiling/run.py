@@ -156,8 +156,9 @@ def tile_slides(
         names = store_class_names(out_path)
     pool = LazyPool(workers, tileio.WORKER_PRELOAD, initializer=tileio.warm_up)
     run = _TileRun(
-        out_path, params, backend, overwrite, labeller, labelled_only, names, existing, entries,
-        pool,
+        out_path=out_path, params=params, backend=backend, overwrite=overwrite,
+        labeller=labeller, labelled_only=labelled_only, class_names=names, existing=existing,
+        entries=entries, pool=pool,
     )  # fmt: skip
     run.log = log
     run.changed = not out_path.exists() or len(entries) != len(_listed(out_path))
@@ -421,15 +422,15 @@ def _tile_blocks(
     coords, geometry = plan.coords, plan.geometry
     tasks = [
         tileio.ChunkTask(
-            str(source.path),
-            backend,
-            source.mpp,
-            coords[start : start + _CHUNK_TILES],
-            geometry.read_level,
-            geometry.read_size_px,
-            params.tile_size_px,
-            params.encoding,
-            params.jpeg_quality,
+            slide_path=str(source.path),
+            backend=backend,
+            mpp_override=source.mpp,
+            coords=coords[start : start + _CHUNK_TILES],
+            read_level=geometry.read_level,
+            read_size_px=geometry.read_size_px,
+            tile_size_px=params.tile_size_px,
+            encoding=params.encoding,
+            jpeg_quality=params.jpeg_quality,
         )
         for start in range(0, len(coords), _CHUNK_TILES)
     ]
