@@ -66,12 +66,12 @@ def _plan(path: Path, params):  # noqa: ANN001, ANN202
 
 def _read_only(task: tuple[str, np.ndarray, int, int, int]) -> int:
     from histoduo.slide import open_slide
-    from histoduo.tiling.read import read_tile_at_level
+    from histoduo.tiling.read import read_tile
 
     path, coords, level, read_px, tile_px = task
     with open_slide(path) as slide:
         for xy in coords:
-            read_tile_at_level(slide, xy, level, read_px, tile_px)
+            read_tile(slide, xy, level, read_px, tile_px)
     return len(coords)
 
 

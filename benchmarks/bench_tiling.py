@@ -39,7 +39,7 @@ def _slide(folder: Path, width: int, height: int, seed: int = 7) -> Path:
     return path
 
 
-def _plan(path: Path, params) -> tuple[np.ndarray, int, int]:  # noqa: ANN001
+def _plan(path: Path, params) -> tuple[np.ndarray, int, int, int]:  # noqa: ANN001
     from histoduo.slide import open_slide
     from histoduo.tiling import TileGeometry, plan_tiles
     from histoduo.tissue import detect_tissue
@@ -48,7 +48,7 @@ def _plan(path: Path, params) -> tuple[np.ndarray, int, int]:  # noqa: ANN001
         geometry = TileGeometry.for_slide(slide, params)
         mask = detect_tissue(slide, params.tissue)
         coords, _ = plan_tiles(mask, geometry, *slide.dimensions, params.min_tissue_fraction)
-        return coords, geometry.tile_size_level0, geometry.read_level
+        return coords, geometry.tile_size_level0, geometry.read_level, geometry.read_size_px
 
 
 def _time_tissue(path: Path, repeats: int = 5) -> float:
@@ -89,25 +89,33 @@ def _reference(path: Path, coords: np.ndarray, size0: int, tile_px: int, out: Pa
     return time.perf_counter() - t0
 
 
-def _read_only(task: tuple[str, np.ndarray, int, int]) -> int:
+def _read_only(task: tuple[str, np.ndarray, int, int, int]) -> int:
     from histoduo.tiling.read import read_tile
 
-    path, coords, size0, tile_px = task
+    path, coords, level, read_px, tile_px = task
     from histoduo.slide import open_slide
 
     with open_slide(path) as slide:
         for xy in coords:
-            read_tile(slide, xy, size0, tile_px)
+            read_tile(slide, xy, level, read_px, tile_px)
     return len(coords)
 
 
-def _limit(path: Path, coords: np.ndarray, size0: int, tile_px: int, workers: int) -> float:
+def _limit(
+    path: Path, coords: np.ndarray, level: int, read_px: int, tile_px: int, workers: int
+) -> float:
     chunks = [coords[i : i + 256] for i in range(0, len(coords), 256)]
     ctx = mp.get_context("forkserver")
     with ctx.Pool(workers) as pool:
-        pool.map(_read_only, [(str(path), coords[:2], size0, tile_px)] * workers)  # warm up
+        pool.map(
+            _read_only, [(str(path), coords[:2], level, read_px, tile_px)] * workers
+        )  # warm up
         t0 = time.perf_counter()
-        sum(pool.imap_unordered(_read_only, [(str(path), c, size0, tile_px) for c in chunks]))
+        sum(
+            pool.imap_unordered(
+                _read_only, [(str(path), c, level, read_px, tile_px) for c in chunks]
+            )
+        )
         return time.perf_counter() - t0
 
 
@@ -148,10 +156,10 @@ def _compare(path: Path, workers: int, tile_px: int, cache: Path) -> dict[str, f
     from histoduo.tiling import TilingParams
 
     params = TilingParams(target_mpp=0.5, tile_size_px=tile_px)
-    coords, size0, level = _plan(path, params)
+    coords, size0, level, read_px = _plan(path, params)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         tmp_dir = Path(tmp)
-        limit_s = _limit(path, coords, size0, tile_px, workers)
+        limit_s = _limit(path, coords, level, read_px, tile_px, workers)
         ours_s, n = _histoduo(path, params, tmp_dir / "ours.h5", workers)
         ref_s = _reference(path, coords, size0, tile_px, tmp_dir / "ref.h5")
         ours_mb = (tmp_dir / "ours.h5").stat().st_size / 1e6

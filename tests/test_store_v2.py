@@ -75,13 +75,16 @@ def clam_reader(slide_path: Path, clam_h5: Path, tile_px: int, patch_size: int |
 
 
 def trident_reader(slide_path: Path, trident_h5: Path):  # noqa: ANN201
-    """TRIDENT's documented semantics: ``patch_size_level0`` px at level 0 from each
-    coordinate of ``<dir>/patches/<slide>_patches.h5``, resized to ``patch_size``."""
+    """TRIDENT's documented semantics: it ignores ``patch_size_level0`` and reads
+    ``patch_size * level0_magnification / target_magnification`` level-0 px from each
+    coordinate of ``<dir>/patches/<slide>_patches.h5``, resized to ``patch_size``
+    (tests/test_same_tile.py adds its power-of-two pyramid-level reads)."""
     wsi = openslide.OpenSlide(str(slide_path))
     with h5py.File(trident_h5, "r") as f:
         coords = f["coords"][()]
-        size0 = int(f["coords"].attrs["patch_size_level0"])
-        side = int(f["coords"].attrs["patch_size"])
+        a = f["coords"].attrs
+        side = int(a["patch_size"])
+        size0 = round(side * float(a["level0_magnification"]) / float(a["target_magnification"]))
 
     def read(i: int) -> np.ndarray:
         x, y = (int(v) for v in coords[i])

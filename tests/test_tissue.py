@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from histoduo.runtime.exitcodes import EXIT_SOME_FAILED
 from histoduo.slide import SlideError, open_slide
 from histoduo.slide.geojson import polygon_feature, read_annotations, write_feature_collection
 from histoduo.tissue import (
@@ -326,7 +327,7 @@ def test_cli_errors(cli_app: object, tmp_path: Path) -> None:
     result = runner.invoke(
         cli_app, ["tissue", str(blank), "--out", str(tmp_path / "o"), "--skip-errors"]
     )
-    assert result.exit_code == 0 and "no tissue" in _text(result.output)
+    assert result.exit_code == EXIT_SOME_FAILED and "no tissue" in _text(result.output)
     assert not (tmp_path / "o" / "blank_mask.png").exists()
 
     bad_roi = tmp_path / "bad.geojson"

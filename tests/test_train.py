@@ -266,3 +266,47 @@ def test_training_decoding_on_the_device_matches_workers(
     worker, device = histories["worker"], histories["device"]
     assert worker["train_loss"].to_numpy() == pytest.approx(device["train_loss"].to_numpy())
     assert worker["val_loss"].to_numpy() == pytest.approx(device["val_loss"].to_numpy())
+
+
+def test_resume_keeps_the_runs_splits_and_can_extend_it(
+    labelled_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from histoduo.training import session as session_module
+
+    out = tmp_path / "run"
+    # no test slides: each epoch is three steps and one validation
+    config = _config(epochs=1, iterations_per_epoch=3, batch_size=8, num_workers=0,
+                     test_fraction=0.0)  # fmt: skip
+    train(labelled_store, out, config, model_config=SMALL, progress=False)
+    splits_before = (out / "splits.csv").read_text()
+    # Flags that decide the splits must match the run's: the error names the flag.
+    for change, flag in [
+        ({"seed": 1}, "--seed"),
+        ({"val_fraction": 0.3}, "--val-fraction"),
+        ({"test_fraction": 0.2}, "--test-fraction"),
+        ({"splits_csv": str(out / "splits.csv")}, "--splits"),
+    ]:
+        other = _config(**{**config.__dict__, **change})
+        with pytest.raises(LabelError, match=flag):
+            train(labelled_store, out, other, model_config=SMALL, resume=True, progress=False)
+
+    def no_new_splits(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("a resumed run recomputed its splits")
+
+    monkeypatch.setattr(session_module, "make_splits", no_new_splits)
+    # More epochs than the run planned: a cosine tail instead of OneCycle's "Tried to step".
+    longer = _config(**{**config.__dict__, "epochs": 3})
+    train(labelled_store, out, longer, model_config=SMALL, resume=True, progress=False)
+    lrs = pd.read_csv(out / "metrics.csv")["lr"].to_list()
+    assert len(lrs) == 3
+    assert lrs[0] < 1e-6  # the first run's OneCycle had annealed
+    assert lrs[1] > 0.3 * 0.1 * config.lr  # the tail restarted from a tenth of --lr ...
+    assert lrs[2] < lrs[1]  # ... and anneals over the added epochs
+    state = load_checkpoint(out / "last.pt")["train_state"]
+    assert state["schedule_epochs"] == 3 and state["tail"]["steps"] == 2 * 3
+    assert json.loads((out / "config.json").read_text())["train"]["epochs"] == 3
+    # An extended run resumes and extends again (its tail is rebuilt from last.pt).
+    again = _config(**{**config.__dict__, "epochs": 4})
+    train(labelled_store, out, again, model_config=SMALL, resume=True, progress=False)
+    assert len(pd.read_csv(out / "metrics.csv")) == 4
+    assert (out / "splits.csv").read_text() == splits_before

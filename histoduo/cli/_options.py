@@ -51,7 +51,9 @@ TargetMag = Annotated[
 SkipErrors = Annotated[
     bool,
     typer.Option(
-        "--skip-errors", help="Record failing slides in the report and go on with the rest."
+        "--skip-errors",
+        help="Record failing slides (any error) in the report and go on with the rest; "
+        "exit with status 3 when any failed.",
     ),
 ]
 Overwrite = Annotated[
@@ -61,8 +63,8 @@ Shard = Annotated[
     str | None,
     typer.Option(
         "--shard",
-        help="Process only shard K of N (e.g. 2/8), a stable subset by slide name, so N "
-        "independent jobs share a cohort. 'auto' takes K and N from a SLURM array task "
+        help="Process only shard K of N (e.g. 2/8), a stable subset by slide name (a store's "
+        "names with --tiles), so N independent jobs share a cohort. 'auto' takes K and N from a SLURM array task "
         "(--array=1-N); 'auto/N' takes K from the array index (rerun one task with "
         "--array=K). '{shard}' in --out becomes K-of-N.",
         show_default=False,

@@ -39,6 +39,30 @@ def _param_row(param: Any) -> str:
     return f"| {name} | {kind} | {shown} | {help_text} |"
 
 
+def _exit_status_notes() -> list[str]:
+    from histoduo.runtime.exitcodes import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED
+
+    return [
+        "## Exit status",
+        "",
+        "Every command exits with one of these (`histoduo.runtime.exitcodes`), so a scheduler",
+        "(SLURM's `afterok`) sees a shard that had failures:",
+        "",
+        "| status | meaning |",
+        "|---|---|",
+        f"| {EXIT_OK} | everything asked for was done (or was already done) |",
+        f"| {EXIT_ERROR} | the run stopped: bad input, or a slide failed without `--skip-errors` "
+        "(finished slides are kept; rerun to resume) |",
+        "| 2 | the command line itself was wrong (unknown option, bad value) |",
+        f"| {EXIT_SOME_FAILED} | `--skip-errors`: every slide (image, for `import`) was tried and "
+        "every table written, but some failed; they are listed in the run's report or manifest |",
+        "",
+        "`--skip-errors` means the same for `tile`, `tissue`, `import` and `predict`: any failure "
+        "of one slide, whatever its type, is recorded with the slide and the run goes on.",
+        "",
+    ]
+
+
 def render() -> str:
     import typer.main
 
@@ -52,6 +76,7 @@ def render() -> str:
         "Generated from the code by `python -m histoduo.cli.doc > docs/cli.md`; a test fails when",
         "this file is out of date. `histoduo COMMAND --help` shows the same.",
         "",
+        *_exit_status_notes(),
     ]
     for name in group.list_commands(ctx):
         command = group.get_command(ctx, name)

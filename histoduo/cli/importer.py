@@ -64,7 +64,8 @@ def import_command(
         bool,
         typer.Option(
             "--skip-errors",
-            help="Leave out images that do not decode, list them in <out>.report.json, go on.",
+            help="Leave out images that do not decode, list them in <out>.report.json, go on; "
+            "exit with status 3 when any was left out.",
         ),
     ] = False,
     overwrite: Annotated[
@@ -109,3 +110,7 @@ def import_command(
         f"{', '.join(report.class_names)} -> {out} (report {out}.report.json)",
         highlight=False,
     )
+    if report.skipped:
+        from histoduo.runtime.exitcodes import EXIT_SOME_FAILED
+
+        raise typer.Exit(EXIT_SOME_FAILED)

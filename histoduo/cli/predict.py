@@ -265,7 +265,9 @@ def predict_command(
         f"{report.slides_csv}, {report.manifest_path}"
     )
     if report.failed:
-        raise typer.Exit(1)
+        from histoduo.runtime.exitcodes import EXIT_SOME_FAILED
+
+        raise typer.Exit(EXIT_SOME_FAILED)
 
 
 def _parse_colors(items: list[str]) -> dict[str, tuple[int, int, int]]:

@@ -245,8 +245,10 @@ def tile_command(
     )
     for result in report.failed:
         console.print(f"[yellow]{result.status}[/] {result.path}: {result.error}")
-    if report.failed and not skip_errors:
-        raise typer.Exit(1)
+    if report.failed:  # only with --skip-errors: without it the first failure stopped the run
+        from histoduo.runtime.exitcodes import EXIT_SOME_FAILED
+
+        raise typer.Exit(EXIT_SOME_FAILED)
 
 
 @app.command("merge")

@@ -73,6 +73,10 @@ def tissue_command(
         raise fail(str(report.first_error))
     for result in report.failed:
         console.print(f"[yellow]skipped:[/] {result.error}", highlight=False)
+    if report.failed:
+        from histoduo.runtime.exitcodes import EXIT_SOME_FAILED
+
+        raise typer.Exit(EXIT_SOME_FAILED)
 
 
 def _table(report: Any) -> Any:

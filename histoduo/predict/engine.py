@@ -73,7 +73,8 @@ class SlideTiles(IterableDataset):
         backend: str,
         mpp_override: float | None,
         coords: np.ndarray,
-        size_level0: int,
+        read_level: int,
+        read_size_px: int,
         tile_size_px: int,
         batch_size: int,
         transform: _TransformSpec,
@@ -84,7 +85,8 @@ class SlideTiles(IterableDataset):
         self.backend = backend
         self.mpp_override = mpp_override
         self.coords = coords
-        self.size_level0 = size_level0
+        self.read_level = read_level  # with read_size_px: the tiling geometry's read
+        self.read_size_px = read_size_px
         self.tile_size_px = tile_size_px
         self.batch_size = batch_size
         self.transform = transform
@@ -104,7 +106,7 @@ class SlideTiles(IterableDataset):
                 stop = min(start + self.batch_size, len(self.coords))
                 tiles = np.stack(
                     [
-                        read_tile(slide, xy, self.size_level0, self.tile_size_px)
+                        read_tile(slide, xy, self.read_level, self.read_size_px, self.tile_size_px)
                         for xy in self.coords[start:stop]
                     ]
                 )
@@ -312,12 +314,13 @@ def _slide_batches(tiles: SlideTiles, workers: int) -> Iterator[tuple[np.ndarray
             if start is None:
                 return
             task = tileio.ChunkTask(
-                tiles.slide_path,
-                tiles.backend,
-                tiles.mpp_override,
-                tiles.coords[start : start + size],
-                tiles.size_level0,
-                tiles.tile_size_px,
+                slide_path=tiles.slide_path,
+                backend=tiles.backend,
+                mpp_override=tiles.mpp_override,
+                coords=tiles.coords[start : start + size],
+                read_level=tiles.read_level,
+                read_size_px=tiles.read_size_px,
+                tile_size_px=tiles.tile_size_px,
                 encoding=None,  # decoded uint8 arrays, read by read_tile as SlideTiles does
             )
             pending.append((start, pool.apply_async(tileio.read_chunk, (task,))))

@@ -36,11 +36,10 @@ from histoduo.predict.scoring import (
 )
 from histoduo.results.layout import ERROR_FILE, SlideSummary, is_done, manifest_name
 from histoduo.results.tables import write_slides_csv
-from histoduo.runtime.errors import HistoduoError
 from histoduo.runtime.files import atomic_write_text, folder_lock, remove_stale_temporaries
 from histoduo.runtime.pool import default_workers
 from histoduo.runtime.prefetch import Prefetcher
-from histoduo.runtime.slides import run_slides
+from histoduo.runtime.slides import failure_text, run_slides
 from histoduo.slide import SlideError
 from histoduo.slide.sources import SlideSource
 
@@ -188,15 +187,14 @@ class _PredictRun:
             "slide_model": str(self.params.slide_model),
         }
 
-    def failed(self, job: _Job, exc: HistoduoError, status: str, seconds: float) -> None:
-        self.outcomes.append(
-            SlideOutcome(job.name, job.path, status, seconds=seconds, error=str(exc))
-        )
+    def failed(self, job: _Job, exc: Exception, status: str, seconds: float) -> None:
+        text = failure_text(exc)
+        self.outcomes.append(SlideOutcome(job.name, job.path, status, seconds=seconds, error=text))
         slide_dir = self.out / job.name
         slide_dir.mkdir(parents=True, exist_ok=True)
-        error = {"slide": job.name, "path": job.path, "status": status, "error": str(exc)}
+        error = {"slide": job.name, "path": job.path, "status": status, "error": text}
         atomic_write_text(slide_dir / ERROR_FILE, json.dumps(error))
-        self.say(f"[red]{exc}[/]")
+        self.say(f"[red]{text}[/]")
 
 
 def predict_run(
@@ -311,15 +309,12 @@ def _jobs(
         for job in jobs:  # before anything is written or cleared under OUT/<name>
             check_output_name(job.name, job.path)
         return jobs
-    from histoduo.slide.sources import select_shard
+    from histoduo.slide.sources import select_names
     from histoduo.store import TileStore, require_pixels
 
     run.store = TileStore(tiles_store)
     require_pixels(run.store)
-    names = run.store.slides
-    if shard is not None:
-        keep = {s.name for s in select_shard([SlideSource(Path(n)) for n in names], shard)}
-        names = [n for n in names if n in keep]
+    names = select_names(run.store.slides, shard)  # the same rule as for slide files
     jobs = [_Job(name, str(tiles_store)) for name in names]
     for job in jobs:  # a crafted store may name a slide '../../x'
         check_output_name(job.name, job.path)

@@ -27,6 +27,13 @@ if TYPE_CHECKING:
     from histoduo.tiling import TilingParams
 
 
+# predict takes its tissue settings from the checkpoint: the options that can help.
+NO_TISSUE_HINT = (
+    "check the slide's mpp (--slide-mpp), or tile it with `histoduo tile` (--mask-mpp) and "
+    "predict the store with --tiles"
+)
+
+
 def class_colors(names: Sequence[str]) -> np.ndarray:
     return np.array([class_color(n) for n in names], dtype=np.uint8).reshape(-1, 3)
 
@@ -59,7 +66,7 @@ def plan_slide(source: SlideSource, params: PredictParams, tiling: TilingParams)
 
     with open_slide(source.path, params.backend, source.mpp) as slide:
         geometry = TileGeometry.for_slide(slide, tiling)  # fails clearly without mpp
-        mask = require_tissue(detect_tissue(slide, tiling.tissue), source.path)
+        mask = require_tissue(detect_tissue(slide, tiling.tissue), source.path, NO_TISSUE_HINT)
         width0, height0 = slide.dimensions
         coords, fractions = plan_tiles(mask, geometry, width0, height0, tiling.min_tissue_fraction)
         hint = " (try a lower --min-tissue)"
@@ -104,7 +111,8 @@ def scores_from_slide(
         backend=params.backend,
         mpp_override=source.mpp,
         coords=coords,
-        size_level0=geometry.tile_size_level0,
+        read_level=geometry.read_level,  # the tiler's read (tiling/read.py): same as a store's
+        read_size_px=geometry.read_size_px,
         tile_size_px=tiling.tile_size_px,
         batch_size=predictor.batch_size,
         transform=predictor.transform,

@@ -24,23 +24,40 @@ def status_of(exc: BaseException) -> str:
     return getattr(exc, "status", "error")
 
 
+def per_slide_errors(
+    skip_errors: bool, errors: tuple[type[BaseException], ...]
+) -> tuple[type[BaseException], ...]:
+    """What a run records per slide: with ``skip_errors`` any Exception (an OSError while
+    drawing maps, a bug in one slide's data), without it only the stage's typed errors."""
+    return (Exception,) if skip_errors else errors
+
+
+def failure_text(exc: BaseException) -> str:
+    """A failure as reports record it: typed errors name their file; others name their type."""
+    if isinstance(exc, HistoduoError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
 def run_slides(
     items: Iterable[T],
     *,
     process: Callable[[T], None],
-    failed: Callable[[T, HistoduoError, str, float], None],
+    failed: Callable[[T, Exception, str, float], None],
     resumed: Callable[[T], bool] = lambda item: False,
     skip_errors: bool = False,
     finished: Callable[[T], None] | None = None,
     errors: tuple[type[HistoduoError], ...] = (HistoduoError,),
-) -> HistoduoError | None:
+) -> Exception | None:
     """Run ``process`` on each item; returns the error that stopped the run, or None.
 
     ``resumed(item)`` returns True when the item is already done (it records the skip
     itself). ``failed(item, error, status, seconds)`` records a failure; without
     ``skip_errors`` the loop stops at the first one and returns it, so the caller can save
     what finished before raising. ``finished(item)`` runs after every item, whatever happened.
-    Only ``errors`` are per-slide failures; anything else (a bug, Ctrl-C) ends the run.
+    Without ``skip_errors`` only ``errors`` are per-slide failures and anything else (a
+    bug) ends the run; with it every ``Exception`` a slide raises is recorded and the run
+    goes on (one meaning of --skip-errors for every command). Ctrl-C always ends the run.
     """
     for item in items:
         try:
@@ -49,7 +66,7 @@ def run_slides(
             started = time.perf_counter()
             try:
                 process(item)
-            except errors as exc:
+            except per_slide_errors(skip_errors, errors) as exc:
                 failed(item, exc, status_of(exc), time.perf_counter() - started)
                 if not skip_errors:
                     return exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,18 +139,28 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return parse_shard_text(text)
 
 
-def select_shard(sources: list[SlideSource], shard: tuple[int, int] | None) -> list[SlideSource]:
-    """The slides of shard K of N: stable under reordering and adding other slides.
+def shard_of(name: str, n: int) -> int:
+    """The 1-based shard (of ``n``) that slide ``name`` belongs to, for every command.
 
-    Assignment hashes the slide name, so every job of an array computes the same split
-    without coordination, and each slide lands in exactly one shard.
+    Hashes the exact name (any characters: ``lung_aca/img1.jpeg``, dots, spaces), so every
+    job of an array computes the same split without coordination, a slide lands in exactly
+    one shard, and the split is stable under reordering and adding other slides.
     """
+    digest = hashlib.sha1(name.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % n + 1
+
+
+def select_names(names: Iterable[str], shard: tuple[int, int] | None) -> list[str]:
+    """The slide names of shard K of N (a store's slides, a run's slides), in their order."""
+    if shard is None:
+        return list(names)
+    k, n = shard
+    return [name for name in names if shard_of(name, n) == k]
+
+
+def select_shard(sources: list[SlideSource], shard: tuple[int, int] | None) -> list[SlideSource]:
+    """The slides of shard K of N, by slide name (:func:`shard_of`)."""
     if shard is None:
         return sources
     k, n = shard
-
-    def bucket(source: SlideSource) -> int:
-        digest = hashlib.sha1(source.name.encode()).digest()
-        return int.from_bytes(digest[:8], "big") % n
-
-    return [s for s in sources if bucket(s) == k - 1]
+    return [s for s in sources if shard_of(s.name, n) == k]

@@ -85,7 +85,10 @@ class SlideRecord:
     read_level_downsample: float = 1.0
     read_level_width: int | None = None  # None: level 0's
     read_level_height: int | None = None
-    level0_magnification: float | None = None  # None: from slide_mpp
+    # The scanner's nominal objective power (metadata); kept for the record only, because
+    # TRIDENT derives its read area from level0_magnification / target_magnification and
+    # those must be 10 / the mpp actually used (override included) to land on our read.
+    scanner_magnification: float | None = None
     read_size_px: int | None = None  # side of the square read at read_level; None: derived
 
     @property
@@ -136,11 +139,40 @@ class SlideRecord:
         attrs["read_level_downsample"] = self.read_level_downsample
         attrs["read_size_px"] = self.read_side_px
         attrs["read_level_width"], attrs["read_level_height"] = self.read_level_dim
-        attrs["level0_magnification"] = self._level0_magnification()
+        attrs["level0_magnification"] = self.level0_magnification
+        attrs["scanner_magnification"] = (
+            float("nan") if self.scanner_magnification is None else self.scanner_magnification
+        )
         return attrs
 
-    def _level0_magnification(self) -> float:
-        return float(self.level0_magnification or mpp_to_magnification(self.slide_mpp))
+    @property
+    def level0_magnification(self) -> float:
+        """10 / the slide mpp actually used: with ``target_magnification`` (10 / target mpp)
+        TRIDENT's ratio is target mpp / slide mpp, the scale histoduo tiled at."""
+        return mpp_to_magnification(self.slide_mpp)
+
+    @property
+    def target_magnification(self) -> float:
+        return mpp_to_magnification(self.target_mpp)
+
+    def legacy_imgs_attrs(self) -> dict[str, Any]:
+        """Attributes of a raw store's ``imgs`` dataset as CLAM's legacy patch files had them.
+
+        They describe the stored pixels: each tile covers ``tile_size_level0`` level-0 px in
+        ``tile_size_px`` px, so a stitcher that divides level-0 coords by ``downsample``
+        places every tile on a canvas of ``downsampled_level_dim``.
+        """
+        scale = self.tile_size_level0 / self.tile_size_px
+        dim = np.array(
+            [round(self.level0_width / scale), round(self.level0_height / scale)], dtype=np.int64
+        )
+        return {
+            "patch_level": self.read_level,
+            "wsi_name": self.name,
+            "downsample": np.array([scale, scale], dtype=np.float64),
+            "level_dim": dim,
+            "downsampled_level_dim": dim.copy(),
+        }
 
     def clam_attrs(self) -> dict[str, Any]:
         """``coords`` attributes with CLAM's meaning: read ``(patch_size, patch_size)`` at
@@ -161,8 +193,8 @@ class SlideRecord:
         return {
             "patch_size": self.tile_size_px,
             "patch_size_level0": self.tile_size_level0,
-            "level0_magnification": self._level0_magnification(),
-            "target_magnification": mpp_to_magnification(self.target_mpp),
+            "level0_magnification": self.level0_magnification,
+            "target_magnification": self.target_magnification,
             "overlap": max(0, self.tile_size_px - self.stride_px),
             "name": self.name,
             "level0_width": self.level0_width,
@@ -190,7 +222,10 @@ class SlideRecord:
         level_dim = c.get("level_dim")
         if "read_level_width" in a:  # format 2: the root holds the read geometry
             level_dim = [a["read_level_width"], a["read_level_height"]]
-        magnification = a.get("level0_magnification", c.get("level0_magnification"))
+        # Before scanner_magnification existed, level0_magnification held the scanner's power.
+        magnification = a.get("scanner_magnification", a.get("level0_magnification"))
+        if magnification is not None and not np.isfinite(magnification):
+            magnification = None
         return cls(
             name=str(a["name"]),
             source_path=str(a.get("source_path", "")),
@@ -219,7 +254,7 @@ class SlideRecord:
             ),
             read_level_width=int(level_dim[0]) if level_dim is not None else None,
             read_level_height=int(level_dim[1]) if level_dim is not None else None,
-            level0_magnification=float(magnification) if magnification is not None else None,
+            scanner_magnification=float(magnification) if magnification is not None else None,
             read_size_px=int(a["read_size_px"]) if "read_size_px" in a else None,
         )
 

@@ -57,6 +57,7 @@ class SlideGroupData:
     tissue_mask: np.ndarray
     mask_downsample: float
     labels: np.ndarray | None = None
+    imgs_attrs: dict[str, Any] | None = None  # CLAM's legacy attributes on raw ``imgs``
 
     @classmethod
     def from_record(
@@ -80,6 +81,7 @@ class SlideGroupData:
             tissue_mask=tissue_mask,
             mask_downsample=mask_downsample,
             labels=labels,
+            imgs_attrs=record.legacy_imgs_attrs(),
         )
 
 
@@ -144,6 +146,8 @@ class SlidePartWriter:
                 dtype=np.uint8,
                 chunks=(1, tile_size_px, tile_size_px, 3) if self._n else None,
             )
+            for key, value in (data.imgs_attrs or {}).items():
+                self._pixels.attrs[key] = value
 
     def set_qc(self, datasets: dict[str, np.ndarray], info: str) -> None:
         """Artefact QC of every tile (``qc_*`` datasets, written with the file) and its
@@ -280,6 +284,9 @@ def convert_v1_slide(v1_path: Path, name: str, dest: Path) -> Path:
                 dst.attrs[attr] = value
             for attr, value in record.to_attrs().items():
                 dst.attrs[attr] = value
+            if "imgs" in dst:
+                for attr, value in record.legacy_imgs_attrs().items():
+                    dst["imgs"].attrs[attr] = value
             dst.attrs["complete"] = True
     return dest
 

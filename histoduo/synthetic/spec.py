@@ -25,6 +25,12 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-int(a) // int(b))
 
 
+def _level_size(size0: int, downsample: float) -> int:
+    if int(downsample) == downsample:
+        return _ceil_div(size0, int(downsample))
+    return max(1, int(size0 / downsample))
+
+
 @dataclass(frozen=True)
 class SyntheticSlideSpec:
     """Everything that determines a synthetic slide (pixels and ground truth)."""
@@ -35,7 +41,10 @@ class SyntheticSlideSpec:
     seed: int = 0
     format: str = "svs"
     tile_size_px: int = 256
-    level_downsamples: tuple[int, ...] = (1, 4, 16)
+    # Integers give ceil-sized levels, as scanners write them; a non-integer (e.g. 2.0005)
+    # gives a floor-sized level whose true downsample is not a whole number, as real
+    # pyramids have (15.9957 happens).
+    level_downsamples: tuple[float, ...] = (1, 4, 16)
     jpeg_quality: int = 90
     classes: tuple[str, ...] = DEFAULT_CLASSES
     class_weights: tuple[float, ...] | None = None
@@ -76,8 +85,8 @@ class SyntheticSlideSpec:
         for name, frac in self.foci:
             if not 0 < frac < 1:
                 raise ValueError(f"focus {name!r}: area fraction must be in (0, 1)")
-        if any(int(d) != d or d < 1 for d in self.level_downsamples):
-            raise ValueError("level_downsamples must be positive integers")
+        if any(d < 1 for d in self.level_downsamples):
+            raise ValueError("level_downsamples must be >= 1")
         unknown = [c for c in self.pen_strokes if c not in PEN_COLOURS]
         if unknown:
             raise ValueError(f"pen colours must be among {sorted(PEN_COLOURS)}, got {unknown}")
@@ -104,19 +113,27 @@ class SyntheticSlideSpec:
         return self.magnification if self.magnification is not None else 10.0 / self.mpp
 
     @property
-    def level_downsamples_used(self) -> tuple[int, ...]:
-        """Downsamples actually written (level 0 always; tiny levels dropped)."""
-        out = [1]
-        for d in sorted(set(int(d) for d in self.level_downsamples)):
-            if d > 1 and max(_ceil_div(self.level0_width, d), _ceil_div(self.level0_height, d)) >= (
-                _MIN_LEVEL_PX
-            ):
-                out.append(d)
+    def level_downsamples_used(self) -> tuple[float, ...]:
+        """Downsamples asked for and written (level 0 always; tiny levels dropped)."""
+        out: list[float] = [1]
+        for d in sorted(set(self.level_downsamples)):
+            if d > 1 and max(
+                _level_size(self.level0_width, d), _level_size(self.level0_height, d)
+            ) >= (_MIN_LEVEL_PX):
+                out.append(int(d) if int(d) == d else float(d))
         return tuple(out)
 
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
         """(width, height) of every written level."""
         return tuple(
-            (_ceil_div(self.level0_width, d), _ceil_div(self.level0_height, d))
+            (_level_size(self.level0_width, d), _level_size(self.level0_height, d))
             for d in self.level_downsamples_used
+        )
+
+    def render_downsamples(self) -> tuple[float, ...]:
+        """The downsample each level is drawn at: the asked integer, or for a non-integer
+        level what readers compute from its size (mean of the width and height ratios)."""
+        return tuple(
+            d if int(d) == d else (self.level0_width / w + self.level0_height / h) / 2
+            for d, (w, h) in zip(self.level_downsamples_used, self.level_dimensions())
         )

@@ -96,7 +96,7 @@ def artefact_feature_collection(spec: SyntheticSlideSpec) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _render_strip(args: tuple[SyntheticSlideSpec, int, int, int, int]) -> np.ndarray:
+def _render_strip(args: tuple[SyntheticSlideSpec, float, int, int, int]) -> np.ndarray:
     """One row of tiles of a level, padded to whole tiles (worker entry point)."""
     spec, ds, row, lw, lh = args
     ts = spec.tile_size_px
@@ -107,7 +107,7 @@ def _render_strip(args: tuple[SyntheticSlideSpec, int, int, int, int]) -> np.nda
 
 
 def _tiles(
-    spec: SyntheticSlideSpec, ds: int, lw: int, lh: int, pool: object | None
+    spec: SyntheticSlideSpec, ds: float, lw: int, lh: int, pool: object | None
 ) -> Iterator[np.ndarray]:
     ts = spec.tile_size_px
     jobs = [(spec, ds, r, lw, lh) for r in range(_ceil_div(lh, ts))]
@@ -149,7 +149,7 @@ def _write_tiff(tmp: Path, spec: SyntheticSlideSpec, workers: int) -> None:
             tmp, bigtiff=spec.level0_width * spec.level0_height * 3 > 2**31
         ) as tw:
             for li, (ds, (lw, lh)) in enumerate(
-                zip(spec.level_downsamples_used, spec.level_dimensions())
+                zip(spec.render_downsamples(), spec.level_dimensions())
             ):
                 kw: dict = {"metadata": None, "photometric": "rgb", "tile": (ts, ts), **jpeg}
                 if spec.format == "svs":

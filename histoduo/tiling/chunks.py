@@ -55,7 +55,6 @@ def tile_blocks(
             backend=backend,
             mpp_override=source.mpp,
             coords=coords[start : start + CHUNK_TILES],
-            size_level0=geometry.tile_size_level0,
             tile_size_px=params.tile_size_px,
             encoding=params.encoding,
             jpeg_quality=params.jpeg_quality,

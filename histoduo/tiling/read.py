@@ -18,19 +18,18 @@ from histoduo.slide import Slide, open_slide, resize_rgb
 WORKER_PRELOAD = ("histoduo.tiling.read", "tiffslide", "openslide", "imagecodecs", "PIL.Image")
 
 
-def read_tile(slide: Slide, xy0: Sequence[int], size_level0: int, tile_size_px: int) -> np.ndarray:
-    """One tile: the level-0 square at ``xy0`` resampled to ``tile_size_px``."""
-    return slide.read_resized(
-        (int(xy0[0]), int(xy0[1])), (size_level0, size_level0), (tile_size_px, tile_size_px)
-    )
-
-
-def read_tile_at_level(
-    slide: Slide, xy0: Sequence[int], level: int, read_size_px: int, tile_size_px: int
+def read_tile(
+    slide: Slide, xy0: Sequence[int], read_level: int, read_size_px: int, tile_size_px: int
 ) -> np.ndarray:
-    """One tile as CLAM defines it: the ``read_size_px`` square at ``level`` whose top-left
-    is level-0 ``xy0``, resized to ``tile_size_px``."""
-    region = slide.read_region((int(xy0[0]), int(xy0[1])), level, (read_size_px, read_size_px))
+    """One tile: the ``read_size_px`` square at ``read_level`` whose top-left is level-0
+    ``xy0``, resized to ``tile_size_px``.
+
+    The one tile reader: tiling, prediction from a slide and anything else that cuts tiles
+    call it with the slide's :class:`~histoduo.tiling.geometry.TileGeometry`, so the tiles a
+    model is trained on are the tiles it is later graded on, and CLAM's
+    ``read_region(xy, patch_level, (patch_size, patch_size))`` reads the same pixels.
+    """
+    region = slide.read_region((int(xy0[0]), int(xy0[1])), read_level, (read_size_px, read_size_px))
     return resize_rgb(region, (tile_size_px, tile_size_px))
 
 
@@ -42,12 +41,11 @@ class ChunkTask:
     backend: str
     mpp_override: float | None
     coords: np.ndarray
-    size_level0: int
+    read_level: int
+    read_size_px: int
     tile_size_px: int
     encoding: str | None  # "jpeg", "raw" or None (decoded arrays, for prediction)
     jpeg_quality: int = 90
-    read_level: int | None = None  # with read_size_px: read exactly there (tiling)
-    read_size_px: int | None = None
 
 
 class SlideCache:
@@ -81,11 +79,8 @@ def warm_up() -> None:
 
 def read_chunk(task: ChunkTask) -> list[np.ndarray] | np.ndarray:
     slide = _cache.get(task.slide_path, task.backend, task.mpp_override)
-    if task.read_level is not None and task.read_size_px is not None:
-        level, side, size = task.read_level, task.read_size_px, task.tile_size_px
-        tiles = [read_tile_at_level(slide, xy, level, side, size) for xy in task.coords]
-    else:
-        tiles = [read_tile(slide, xy, task.size_level0, task.tile_size_px) for xy in task.coords]
+    level, side, size = task.read_level, task.read_size_px, task.tile_size_px
+    tiles = [read_tile(slide, xy, level, side, size) for xy in task.coords]
     if task.encoding == "jpeg":
         return [encode_jpeg(t, task.jpeg_quality) for t in tiles]
     if not tiles:

@@ -25,10 +25,10 @@ import numpy as np
 
 from histoduo import __version__
 from histoduo.qc import DEFAULT_QC_MODE, ArtefactMasks, QCParams, check_mode, detect_artefacts
-from histoduo.runtime.errors import HistoduoError, OutputError, output_error
+from histoduo.runtime.errors import OutputError, output_error
 from histoduo.runtime.pool import LazyPool, default_workers
 from histoduo.runtime.progress import SlideProgress
-from histoduo.runtime.slides import status_of
+from histoduo.runtime.slides import failure_text, per_slide_errors, status_of
 from histoduo.slide import SlideError
 from histoduo.slide.sources import SlideSource
 from histoduo.store import (
@@ -59,7 +59,13 @@ from histoduo.tiling.geometry import TileGeometry, open_overview, plan_tiles, re
 from histoduo.tiling.labels import Labeller
 from histoduo.tiling.params import TilingParams
 from histoduo.tiling.report import SlideResult, TilingReport
-from histoduo.tissue import NoTissueError, detect_tissue
+from histoduo.tissue import detect_tissue, require_tissue
+
+# Options of `tile` that change what counts as tissue (--min-tissue only filters tiles).
+NO_TISSUE_HINT = (
+    "check the slide's mpp (--slide-mpp), try a finer --mask-mpp, leave out --exclude-pen, "
+    "or look at the mask with `histoduo tissue` (which takes --min-object-area-um2 and --roi)"
+)
 
 _INDEX_EVERY_S = 5.0  # finished slides reach the index at least this often
 
@@ -101,11 +107,12 @@ class _TileRun:
         self.results.append(_skipped(source, record))
         return True
 
-    def failed(self, source: SlideSource, exc: HistoduoError, status: str, seconds: float) -> None:
+    def failed(self, source: SlideSource, exc: Exception, status: str, seconds: float) -> None:
         # Not logged here: the caller prints the error that stops a run, and the summary
         # lists skipped ones, so each error is printed once.
+        text = failure_text(exc)
         self.results.append(
-            SlideResult(source.name, str(source.path), status, error=str(exc), seconds=seconds)
+            SlideResult(source.name, str(source.path), status, error=text, seconds=seconds)
         )
 
     def add(self, entry: IndexEntry) -> None:
@@ -267,10 +274,7 @@ def _plan_slide(source: SlideSource, run: _TileRun) -> _PlannedSlide:
         mask = detect_tissue(slide, params.tissue)
         width0, height0 = slide.dimensions
         coords, fractions = plan_tiles(mask, geometry, width0, height0, params.min_tissue_fraction)
-        if not mask.mask.any():
-            raise NoTissueError(
-                source.path, "no tissue found (try a lower --min-tissue or check the slide)"
-            )
+        require_tissue(mask, source.path, NO_TISSUE_HINT)
         labels = None
         if run.labeller is not None:
             labels = run.labeller.labels_for(source, mask, coords, geometry.tile_size_level0)
@@ -303,7 +307,7 @@ def _plan_slide(source: SlideSource, run: _TileRun) -> _PlannedSlide:
             read_level_downsample=geometry.read_level_downsample,
             read_level_width=level_w,
             read_level_height=level_h,
-            level0_magnification=slide.magnification,
+            scanner_magnification=slide.magnification,
             read_size_px=geometry.read_size_px,
         )
     artefacts = detect_artefacts(mask, run.qc) if run.qc is not None else None
@@ -323,7 +327,7 @@ class _SlideJob:
 
 def _run_pipeline(
     sources: Sequence[SlideSource], run: _TileRun, skip_errors: bool
-) -> HistoduoError | None:
+) -> Exception | None:
     """Tile ``sources`` in order; returns the error that stopped the run, or None.
 
     Two slides are in the pool at once: the one being written and the next, whose chunks sit
@@ -334,7 +338,8 @@ def _run_pipeline(
     planner = ThreadPoolExecutor(1, thread_name_prefix="histoduo-plan")
     todo = iter(sources)
     jobs: deque[_SlideJob] = deque()
-    first_error: HistoduoError | None = None
+    first_error: Exception | None = None
+    caught = per_slide_errors(skip_errors, (SlideError, OutputError))
 
     def plan_next() -> tuple[SlideSource, Future[_PlannedSlide], float] | None:
         for source in todo:
@@ -344,7 +349,7 @@ def _run_pipeline(
             return source, planner.submit(_plan_slide, source, run), time.perf_counter()
         return None
 
-    def failed(source: SlideSource, exc: HistoduoError, started: float) -> None:
+    def failed(source: SlideSource, exc: Exception, started: float) -> None:
         nonlocal first_error
         run.failed(source, exc, status_of(exc), time.perf_counter() - started)
         run.bars.slide_done()
@@ -362,7 +367,7 @@ def _run_pipeline(
                 ahead = plan_next()  # planned while the workers read the slides before it
                 try:
                     job = _start_slide(source, future.result(), run, pool, started)
-                except (SlideError, OutputError) as exc:
+                except caught as exc:
                     failed(source, exc, started)
                 else:
                     jobs.append(job)
@@ -371,7 +376,7 @@ def _run_pipeline(
             job = jobs.popleft()
             try:
                 run.results.append(_finish_slide(job, run))
-            except (SlideError, OutputError) as exc:
+            except caught as exc:
                 failed(job.source, exc, job.started)
             else:
                 run.bars.slide_done()

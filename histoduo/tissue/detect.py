@@ -157,19 +157,24 @@ class NoTissueError(SlideError):
     status = "no_tissue"
 
 
-def require_tissue(mask: TissueMask, path: str | Path) -> TissueMask:
-    """``mask`` unchanged if it holds any tissue, else a NoTissueError that says why."""
+def require_tissue(mask: TissueMask, path: str | Path, hint: str | None = None) -> TissueMask:
+    """``mask`` unchanged if it holds any tissue, else a NoTissueError that says why.
+
+    ``hint`` is the advice, in the options of the command that detected (the default is
+    the ``tissue`` command's); tests check every option it names exists on that command.
+    """
     if mask.mask.any():
         return mask
     threshold = mask.saturation_threshold_used
     used = f"saturation threshold {threshold:.3f}" if threshold is not None else "the ROI"
-    min_area = mask.params.min_object_area_um2 if mask.params else None
-    hint = (
-        "if the slide does hold faint tissue, lower --min-object-area-um2"
-        + (f" (now {min_area:g})" if min_area is not None else "")
-        + ", check the slide's mpp (--slide-mpp), or draw the region and pass it with --roi "
-        "--roi-mode replace"
-    )
+    if hint is None:
+        min_area = mask.params.min_object_area_um2 if mask.params else None
+        hint = (
+            "if the slide does hold faint tissue, lower --min-object-area-um2"
+            + (f" (now {min_area:g})" if min_area is not None else "")
+            + ", check the slide's mpp (--slide-mpp), or draw the region and pass it with "
+            "--roi --roi-mode replace"
+        )
     raise NoTissueError(path, f"no tissue found (used {used}); {hint}")
 
 

@@ -36,6 +36,7 @@ from histoduo.training.data import (
 )
 from histoduo.training.epoch import _predict_rows, train_epoch, validate
 from histoduo.training.metrics import classification_report
+from histoduo.training.resume import cosine_tail, resume_splits, schedule_epochs, tail_start_lr
 from histoduo.training.session import (  # noqa: F401 - _seed_everything, _loader: used by tests
     TrainSession,
     _dataset,
@@ -111,12 +112,21 @@ def train(
     from histoduo.runtime.device import maybe_compile, reset_peak_memory
 
     config = config or TrainConfig()
+    # A resumed run: its checkpoint first (a pickle is refused before anything else), then
+    # its splits, checked against config.json before the data loads.
+    last = load_checkpoint(Path(out_dir) / "last.pt", trust=trust_checkpoint) if resume else None
+    splits_path = resume_splits(Path(out_dir), config) if resume else None
     session = setup_session(
-        Path(store_path), Path(out_dir), config, model_config, trust_weights=trust_checkpoint
+        Path(store_path),
+        Path(out_dir),
+        config,
+        model_config,
+        trust_weights=trust_checkpoint,
+        splits_path=splits_path,
     )
     dist, out = session.dist, session.out
     say = (log if dist.main else None) or (lambda message: None)  # one rank talks
-    start_epoch, best_score, history = _resume_or_start(session, resume, say, trust_checkpoint)
+    start_epoch, best_score, history = _resume_or_start(session, last, say)
     net = maybe_compile(session.model, config.compile)
     if dist.enabled:
         device = session.device
@@ -156,33 +166,58 @@ def train(
 
 
 def _resume_or_start(
-    session: TrainSession, resume: bool, say: Callable[[str], None], trust: bool = False
+    session: TrainSession, payload: dict[str, Any] | None, say: Callable[[str], None]
 ) -> tuple[int, float, list[dict[str, Any]]]:
-    """(first epoch, best score, history): from last.pt, or a fresh run's config and splits."""
+    """(first epoch, best score, history): from last.pt's ``payload``, or a fresh run's
+    config and splits."""
     import torch
 
     out = session.out
     remove_stale_temporaries(out)  # a killed run's half-written checkpoint or metrics
-    if resume:
+    if payload is not None:
         last = out / "last.pt"
-        payload = load_checkpoint(last, trust=trust)
         state = payload.get("train_state")
         if state is None:
             raise LabelError(f"{last}: has no training state to resume from")
         load_shareable_state(session.model, payload["model_state"])
+        session.tail = state.get("tail")
+        if session.tail is not None:  # an extended run: its tail, before the states load
+            tail = session.tail
+            session.scheduler = cosine_tail(session.optimizer, tail["start_lr"], tail["steps"])
         session.optimizer.load_state_dict(state["optimizer"])
         session.scheduler.load_state_dict(state["scheduler"])
         random.setstate(state["python_rng"])
         np.random.set_state(state["numpy_rng"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch = int(state["epoch"]) + 1
+        session.schedule_epochs = schedule_epochs(state, out)
         say(f"resuming after epoch {start_epoch - 1}")
+        _extend_schedule(session, start_epoch, say)
         return start_epoch, float(state["best_score"]), list(state["history"])
     if session.dist.main:
         out.mkdir(parents=True, exist_ok=True)
         _write_config(session)
         write_splits(out / "splits.csv", session.table, session.split_of)
     return 1, -1.0, []
+
+
+def _extend_schedule(session: TrainSession, start_epoch: int, say: Callable[[str], None]) -> None:
+    """More epochs than the schedule was planned for: a cosine tail (resume.py)."""
+    config = session.config
+    if config.epochs <= session.schedule_epochs or config.scheduler == "none":
+        return
+    remaining = (config.epochs - start_epoch + 1) * session.steps_per_epoch
+    current = float(session.optimizer.param_groups[0]["lr"])
+    start_lr = tail_start_lr(current, config)
+    session.scheduler = cosine_tail(session.optimizer, start_lr, remaining)
+    session.tail = {"start_lr": start_lr, "steps": remaining}
+    say(
+        f"extending the run from {session.schedule_epochs} to {config.epochs} epochs: cosine "
+        f"from lr {start_lr:.3g} to 0 over {remaining} steps"
+    )
+    session.schedule_epochs = config.epochs
+    if session.dist.main:
+        _write_config(session)  # config.json now says the run's epochs
 
 
 def _write_config(session: TrainSession) -> None:
@@ -234,6 +269,8 @@ def _save_epoch(
         "python_rng": random.getstate(),
         "numpy_rng": np.random.get_state(),
         "torch_rng": torch.get_rng_state(),
+        "schedule_epochs": session.schedule_epochs,
+        "tail": session.tail,
     }
     out, state = session.out, shareable_state(session.model)  # never a licensed ViT's weights
     if improved:

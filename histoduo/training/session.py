@@ -174,6 +174,9 @@ class TrainSession:
     val_loader: Any
     eval_transform: EvalTransform
     features: FeatureSet | None = None  # training a head on cached encoder features
+    steps_per_epoch: int = 1  # optimiser (and scheduler) steps per epoch
+    schedule_epochs: int = 0  # the epochs the scheduler is planned for (resume.py)
+    tail: dict[str, Any] | None = None  # a resumed run's cosine tail: start_lr, steps
 
 
 def _runtime(config: TrainConfig) -> tuple[_Dist, Any, bool]:
@@ -196,7 +199,7 @@ def _runtime(config: TrainConfig) -> tuple[_Dist, Any, bool]:
 
 
 def _data(
-    store_path: Path, config: TrainConfig
+    store_path: Path, config: TrainConfig, splits_path: Path | None = None
 ) -> tuple[TileStore, TileTable, dict[str, str], pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """The store, its labelled tiles, the slide-level split and the rows of each split."""
     store = TileStore(store_path)
@@ -209,11 +212,12 @@ def _data(
     unnamed = sorted(set(config.class_display_names) - set(table.class_names))
     if unnamed:
         raise LabelError(f"display names for unknown classes {unnamed}: {table.class_names}")
-    split_of = (
-        read_splits(config.splits_csv, table)
-        if config.splits_csv
-        else make_splits(table, config.val_fraction, config.test_fraction, config.seed)
-    )
+    if splits_path is not None:  # a resumed run: its own splits.csv, never recomputed
+        split_of = read_splits(splits_path, table)
+    elif config.splits_csv:
+        split_of = read_splits(config.splits_csv, table)
+    else:
+        split_of = make_splits(table, config.val_fraction, config.test_fraction, config.seed)
     train_rows = _rows(table, split_of, "train")
     missing = sorted(set(range(len(table.class_names))) - set(train_rows["label"]))
     if missing:
@@ -277,10 +281,12 @@ def setup_session(
     model_config: Any,
     *,
     trust_weights: bool = False,
+    splits_path: Path | None = None,
 ) -> TrainSession:
     """Runtime, data, model, optimiser, sampler and loaders of a training run.
 
-    ``trust_weights`` allows a pickled --backbone-weights file (see models/weights.py).
+    ``trust_weights`` allows a pickled --backbone-weights file (see models/weights.py);
+    ``splits_path`` is a resumed run's own splits.csv.
     """
     import torch
 
@@ -291,7 +297,7 @@ def setup_session(
     from histoduo.runtime.decode import decode_on_device
 
     encoded = decode_on_device(config.decode, device)  # the GPU decodes and augments
-    store, table, split_of, train_rows, val_rows, test_rows = _data(store_path, config)
+    store, table, split_of, train_rows, val_rows, test_rows = _data(store_path, config, splits_path)
     n_classes = len(table.class_names)
     model_config = model_config or ModelConfig()
     features = None
@@ -322,7 +328,8 @@ def setup_session(
         model = model.to(memory_format=torch.channels_last)
     # The scheduler's length follows the sampler's nominal iterations, as it always has.
     nominal = config.iterations_per_epoch or max(1, len(train_rows) // config.batch_size)
-    total_steps = math.ceil(nominal / config.grad_accumulation) * config.epochs
+    steps_per_epoch = math.ceil(nominal / config.grad_accumulation)
+    total_steps = steps_per_epoch * config.epochs
     optimizer, scheduler = _optimiser(config, model, total_steps)
     criterion = _criterion(config, train_rows["label"].to_numpy(), n_classes, device)
     train_transform = TrainTransform(config.augment, model_config.input_size_px, mean, std)
@@ -365,6 +372,8 @@ def setup_session(
         val_loader=val_loader,
         eval_transform=eval_transform,
         features=features,
+        steps_per_epoch=steps_per_epoch,
+        schedule_epochs=config.epochs,
     )
 
 

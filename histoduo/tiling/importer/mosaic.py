@@ -126,7 +126,7 @@ def _group_data(
         level0_height=height0,
         patient=patients.pop() if len(patients) == 1 else None,
         histoduo_version=__version__,
-        level0_magnification=10.0 / target_mpp,
+        scanner_magnification=None,
     )
     return SlideGroupData.from_record(
         record,
