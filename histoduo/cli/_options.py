@@ -64,9 +64,9 @@ Shard = Annotated[
     typer.Option(
         "--shard",
         help="Process only shard K of N (e.g. 2/8), a stable subset by slide name (a store's "
-        "names with --tiles), so N independent jobs share a cohort. 'auto' takes K and N from a SLURM array task "
-        "(--array=1-N); 'auto/N' takes K from the array index (rerun one task with "
-        "--array=K). '{shard}' in --out becomes K-of-N.",
+        "names with --tiles), so N independent jobs share a cohort. 'auto' takes K and N "
+        "from a SLURM array task (--array=1-N); 'auto/N' takes K from the array index "
+        "(rerun one task with --array=K). '{shard}' in --out becomes K-of-N.",
         show_default=False,
     ),
 ]
