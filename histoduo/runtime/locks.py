@@ -196,6 +196,7 @@ class WriterLock:
         text = json.dumps(asdict(me), indent=1)
         deadline = time.monotonic() + max(0.0, self.wait_s)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        waiting = False
         while True:
             try:
                 created = _create(self.path, text)
@@ -222,6 +223,10 @@ class WriterLock:
                 continue
             if time.monotonic() >= deadline:
                 raise LockedError(self.path, self._busy_message(holder))
+            if not waiting:
+                who = holder.describe() if holder is not None else "an unreadable lock"
+                self.log(f"waiting up to {self.wait_s:g} s for {self.what}: locked by {who}")
+                waiting = True
             time.sleep(_POLL_S)
 
     def _busy_message(self, holder: LockHolder | None) -> str:
@@ -285,4 +290,6 @@ class LockParams:
 
     def __post_init__(self) -> None:
         if not self.wait_s >= 0 or self.wait_s == float("inf"):
-            raise ValueError(f"--wait-lock must be a finite number of seconds >= 0, got {self.wait_s}")
+            raise ValueError(
+                f"--wait-lock must be a finite number of seconds >= 0, got {self.wait_s}"
+            )

@@ -85,6 +85,12 @@ class SlideRecord:
     read_level_height: int | None = None
     level0_magnification: float | None = None  # None: from slide_mpp
     read_size_px: int | None = None  # side of the square read at read_level; None: derived
+    # The slide file's identity: a random id written into the file when it is created and
+    # copied into the index, so a file swapped for another one is told apart ("" in files
+    # written before it existed).
+    file_id: str = ""
+    class_names: list[str] | None = None  # the store's label vocabulary, so a lost index
+    # can be rebuilt from the slide files alone
 
     @property
     def read_side_px(self) -> int:
@@ -135,6 +141,10 @@ class SlideRecord:
         attrs["read_size_px"] = self.read_side_px
         attrs["read_level_width"], attrs["read_level_height"] = self.read_level_dim
         attrs["level0_magnification"] = self._level0_magnification()
+        if self.file_id:
+            attrs["file_id"] = self.file_id
+        if self.class_names is not None:
+            attrs["class_names"] = _json_attr(list(self.class_names))
         return attrs
 
     def _level0_magnification(self) -> float:
@@ -189,6 +199,7 @@ class SlideRecord:
         if "read_level_width" in a:  # format 2: the root holds the read geometry
             level_dim = [a["read_level_width"], a["read_level_height"]]
         magnification = a.get("level0_magnification", c.get("level0_magnification"))
+        names = a.get("class_names")
         return cls(
             name=str(a["name"]),
             source_path=str(a.get("source_path", "")),
@@ -219,6 +230,8 @@ class SlideRecord:
             read_level_height=int(level_dim[1]) if level_dim is not None else None,
             level0_magnification=float(magnification) if magnification is not None else None,
             read_size_px=int(a["read_size_px"]) if "read_size_px" in a else None,
+            file_id=str(a.get("file_id", "")),
+            class_names=json.loads(names) if isinstance(names, str) else names,
         )
 
 
@@ -275,5 +288,5 @@ def upgrade_hint(path: str | Path) -> str:
     """Why a format-1 store cannot be added to, and the command that fixes it."""
     return (
         f"it is a format-1 tile store; run `histoduo upgrade-store {path}` once to rewrite it "
-        f"as format 2 (per-slide files CLAM and TRIDENT read), or pass --overwrite"
+        f"as format 2 (per-slide files CLAM and TRIDENT read; every slide is kept)"
     )

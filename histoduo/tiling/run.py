@@ -25,6 +25,7 @@ import numpy as np
 
 from histoduo import __version__
 from histoduo.runtime.errors import HistoduoError
+from histoduo.runtime.locks import LockParams
 from histoduo.runtime.pool import LazyPool, default_workers
 from histoduo.runtime.progress import SlideProgress
 from histoduo.runtime.slides import status_of
@@ -35,28 +36,19 @@ from histoduo.store import (
     SlideGroupData,
     SlidePartWriter,
     SlideRecord,
-    StoreError,
-    StoreUpgradeNeeded,
-    complete_slides,
-    is_store,
-    orphan_slides,
-    read_index,
-    remove_temporary,
-    remove_unlisted,
     slide_file_path,
     store_class_names,
-    store_version,
+    store_lock,
     trident_file_path,
-    upgrade_hint,
     write_index,
     write_trident_coords,
-    write_trident_file,
 )
 from histoduo.tiling import read as tileio
 from histoduo.tiling.geometry import TileGeometry, open_overview, plan_tiles, require_tiles
 from histoduo.tiling.labels import Labeller
 from histoduo.tiling.params import TilingParams
 from histoduo.tiling.report import SlideResult, TilingReport
+from histoduo.tiling.resume import check_out_path, existing_slides, skipped
 from histoduo.tissue import NoTissueError, detect_tissue
 
 _CHUNK_TILES = 16  # small enough that the last chunks balance across workers
@@ -95,7 +87,7 @@ class _TileRun:
         record = self.existing.get(source.name)
         if self.overwrite or record is None or record.fingerprint != self.fingerprint(source):
             return False
-        self.results.append(_skipped(source, record))
+        self.results.append(skipped(source, record))
         return True
 
     def failed(self, source: SlideSource, exc: HistoduoError, status: str, seconds: float) -> None:
@@ -132,6 +124,7 @@ def tile_slides(
     class_names: Sequence[str] | None = None,
     progress: bool = True,
     log: Any = None,
+    lock: LockParams | None = None,
 ) -> TilingReport:
     """Tile every slide into the store at ``out_path``; returns (and writes) the run report.
 
@@ -139,13 +132,41 @@ def tile_slides(
     ``overwrite``); slides whose previous run was interrupted are redone. Without
     ``skip_errors`` the first failing slide stops the run after the slides finished so far
     have been saved, and a SlideError is raised. Only the slides tiled and the index are
-    written: the other slides' files are not touched.
+    written: the other slides' files are not touched, with ``overwrite`` too (it redoes the
+    slides given, each new file replacing the old one by a rename once complete). The run
+    holds the store's writer lock (``<out>.lock``) throughout; ``lock`` says whether to
+    wait for another writer's and whether to clear one left by a dead run.
     """
     out_path = Path(out_path)
+    check_out_path(out_path, sources)
+    with store_lock(out_path, lock, log):
+        report, first_error = _tile_locked(
+            sources, out_path, params, backend, workers, overwrite, skip_errors,
+            annotations_dir, labelled_only, class_names, progress, log,
+        )  # fmt: skip
+    if first_error is not None:
+        raise first_error
+    return report
+
+
+def _tile_locked(  # noqa: PLR0913 - tile_slides' arguments, passed on under the lock
+    sources: Sequence[SlideSource],
+    out_path: Path,
+    params: TilingParams,
+    backend: str,
+    workers: int | None,
+    overwrite: bool,
+    skip_errors: bool,
+    annotations_dir: str | Path | None,
+    labelled_only: bool,
+    class_names: Sequence[str] | None,
+    progress: bool,
+    log: Any,
+) -> tuple[TilingReport, HistoduoError | None]:
     workers = default_workers() if workers is None else workers
     labeller = Labeller.from_dir(annotations_dir, params, class_names) if annotations_dir else None
     names = labeller.class_names if labeller else None
-    existing, entries = _existing_slides(out_path, overwrite)
+    existing, entries = existing_slides(out_path, log or (lambda message: None))
     if names is None and existing and out_path.exists():
         names = store_class_names(out_path)
     pool = LazyPool(workers, tileio.WORKER_PRELOAD, initializer=tileio.warm_up)
@@ -154,70 +175,20 @@ def tile_slides(
         pool,
     )  # fmt: skip
     run.log = log
-    run.changed = not out_path.exists() or len(entries) != len(_listed(out_path))
     first_error = None
     try:
         with pool, SlideProgress(progress, len(sources)) as bars:
             run.bars = bars
             first_error = _run_pipeline(sources, run, skip_errors)
     finally:
-        # Every listed slide is complete, so the index is safe to write even when stopping.
-        if run.changed or not out_path.exists():
-            run.write_index()
-        if overwrite:
-            remove_unlisted(out_path, run.entries.values())
+        # Every listed slide is complete, so the index is safe to write even when stopping;
+        # it is always rewritten: slides this run found changed or adopted reach it too.
+        run.write_index()
     order = {source.name: i for i, source in reversed(list(enumerate(sources)))}
     results = sorted(run.results, key=lambda r: order.get(r.slide, len(order)))  # input order
     report = TilingReport(str(out_path), params.to_dict(), results)
     report.write(out_path)
-    if first_error is not None:
-        raise first_error
-    return report
-
-
-def _listed(out_path: Path) -> dict[str, IndexEntry]:
-    try:
-        return read_index(out_path)[0] if store_version(out_path) == 2 else {}
-    except (OSError, StoreError):
-        return {}
-
-
-def _existing_slides(
-    out_path: Path, overwrite: bool
-) -> tuple[dict[str, SlideRecord], dict[str, IndexEntry]]:
-    """(records of complete slides to resume from, index entries to keep)."""
-    if not out_path.exists():
-        version = None
-    else:
-        version = store_version(out_path)
-        if version is None and not overwrite:
-            if is_store(out_path):
-                raise StoreError(out_path, "not a tile store this histoduo reads")
-            raise StoreError(out_path, "exists and is not a histoduo tile store; pass --overwrite")
-        if version == 1 and not overwrite:
-            raise StoreUpgradeNeeded(out_path, upgrade_hint(out_path))
-    remove_temporary(out_path)  # a killed writer's; never trusted
-    if overwrite:
-        return {}, {}
-    listed = _listed(out_path) if version == 2 else {}
-    existing = complete_slides(out_path) if version == 2 else {}
-    entries = {name: replace(listed[name], record=existing[name]) for name in existing}
-    for name, record in orphan_slides(out_path, listed).items():
-        path = slide_file_path(out_path, name)
-        write_trident_file(path, trident_file_path(out_path, name))  # may have been cut short
-        existing[name] = record
-        entries[name] = IndexEntry.of(record, path)
-    return existing, entries
-
-
-def _skipped(source: SlideSource, record: SlideRecord) -> SlideResult:
-    return SlideResult(
-        source.name,
-        str(source.path),
-        "skipped",
-        n_tiles=record.n_tiles,
-        tissue_area_mm2=record.tissue_area_mm2,
-    )
+    return report, first_error
 
 
 @dataclass
@@ -277,6 +248,7 @@ def _plan_slide(source: SlideSource, run: _TileRun) -> _PlannedSlide:
             read_level_height=level_h,
             level0_magnification=slide.magnification,
             read_size_px=geometry.read_size_px,
+            class_names=run.class_names,
         )
     return _PlannedSlide(geometry, mask, coords, fractions, labels, record)
 
@@ -394,7 +366,10 @@ def _finish_slide(job: _SlideJob, run: _TileRun) -> SlideResult:
         raise
     write_trident_coords(trident_file_path(run.out_path, source.name), plan.coords, plan.record)
     encoding = "none" if run.params.dry_run else run.params.encoding
-    record = replace(plan.record, n_tiles=len(plan.coords), tile_encoding=encoding, complete=True)
+    record = replace(
+        plan.record, n_tiles=len(plan.coords), tile_encoding=encoding, complete=True,
+        file_id=writer.file_id,
+    )  # fmt: skip
     run.add(IndexEntry.of(record, path))  # the record as the file now holds it
     return SlideResult(
         source.name,
