@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,9 +54,23 @@ def remove_stale_temporaries(folder: str | Path) -> int:
     for path in folder.iterdir():
         match = _TEMPORARY.match(path.name)
         if match and match["host"] == host and not _alive(int(match["pid"])):
-            path.unlink(missing_ok=True)
+            if path.is_dir() and not path.is_symlink():  # a killed run's staging folder
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's content, read in blocks (hex)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fsync_path(path: str | Path) -> None:
