@@ -247,3 +247,20 @@ def test_out_pointed_at_an_input_slide_is_refused(svs_slide, tmp_path: Path) -> 
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "one of the input slides" in err
     assert slide.read_bytes() == before
+
+
+def test_merge_and_upgrade_take_the_stores_lock(two_slide_store: Path, tmp_path: Path) -> None:
+    from histoduo.runtime.locks import LockedError
+    from histoduo.store import merge_stores
+
+    holder = {"host": socket.gethostname(), "pid": os.getppid(), "started_unix": 0.0}
+    lock = two_slide_store.with_name(two_slide_store.name + ".lock")
+    lock.write_text(json.dumps(holder))  # a live process is writing the store
+    with pytest.raises(LockedError, match=f"pid {os.getppid()}"):
+        merge_stores([two_slide_store, tmp_path / "missing.h5"], two_slide_store)
+    with pytest.raises(LockedError, match=f"pid {os.getppid()}"):
+        upgrade_store(two_slide_store)
+    lock.unlink()
+    merged = tmp_path / "merged.h5"
+    assert merge_stores([two_slide_store], merged) == ["svs_a", "svs_b"]
+    assert not merged.with_name("merged.h5.lock").exists()
