@@ -134,3 +134,14 @@ def test_lock_params_refuse_bad_waits() -> None:
         LockParams(wait_s=-1)
     with pytest.raises(ValueError, match="--wait-lock"):
         LockParams(wait_s=float("nan"))
+
+
+def test_draft_of_a_writer_killed_while_locking_is_removed(tmp_path: Path) -> None:
+    path = tmp_path / "x.lock"
+    draft = tmp_path / f".x.lock.{socket.gethostname()}-{_dead_pid()}.0123abcd.tmp"
+    draft.write_text("{")
+    live = tmp_path / f".x.lock.{socket.gethostname()}-{os.getppid()}.0123abcd.tmp"
+    live.write_text("{")
+    with WriterLock(path, what="store"):
+        pass
+    assert not draft.exists() and live.exists()
