@@ -264,3 +264,12 @@ def test_merge_and_upgrade_take_the_stores_lock(two_slide_store: Path, tmp_path:
     merged = tmp_path / "merged.h5"
     assert merge_stores([two_slide_store], merged) == ["svs_a", "svs_b"]
     assert not merged.with_name("merged.h5.lock").exists()
+
+
+def test_index_draft_of_a_killed_run_is_removed(two_slide_store: Path, svs_slide) -> None:  # noqa: ANN001
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    draft = two_slide_store.with_name(f".s.h5.{socket.gethostname()}-{gone.pid}.0123abcd.tmp")
+    draft.write_bytes(b"half an index")
+    assert _tile([svs_slide], two_slide_store) == {"svs_a": "skipped"}
+    assert not draft.exists()

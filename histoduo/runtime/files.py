@@ -41,8 +41,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(folder: str | Path) -> int:
-    """Delete the temporary files that killed writers on this host left in ``folder``.
+def remove_stale_temporaries(folder: str | Path, of: str | None = None) -> int:
+    """Delete the temporary files that killed writers on this host left in ``folder``
+    (only those of the file named ``of``, when given).
 
     Files of live processes, and of other hosts (a shard on a shared file system), stay.
     Returns how many were removed.
@@ -52,6 +53,8 @@ def remove_stale_temporaries(folder: str | Path) -> int:
         return 0
     host, removed = socket.gethostname(), 0
     for path in folder.iterdir():
+        if of is not None and not path.name.startswith(f".{of}."):
+            continue
         match = _TEMPORARY.match(path.name)
         if match and match["host"] == host and not _alive(int(match["pid"])):
             if path.is_dir() and not path.is_symlink():  # a killed run's staging folder

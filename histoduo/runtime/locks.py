@@ -17,7 +17,6 @@ A second writer fails at once with a message that names the holder (default), or
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import socket
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from histoduo.runtime.errors import HistoduoError
-from histoduo.runtime.files import _TEMPORARY, _alive, temporary_path
+from histoduo.runtime.files import _alive, remove_stale_temporaries, temporary_path
 
 # Test hook: a holder writes this file once it holds the lock and keeps the lock until
 # "<file>.release" exists, so tests can hold a lock deterministically (no sleep races).
@@ -138,15 +137,6 @@ def _create(path: Path, text: str) -> bool:
     return True
 
 
-def _remove_dead_drafts(path: Path) -> None:
-    """Delete lock drafts (``_create``'s temporary files) of writers killed while taking it."""
-    host = socket.gethostname()
-    for draft in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        match = _TEMPORARY.match(draft.name)
-        if match and match["host"] == host and not _alive(int(match["pid"])):
-            draft.unlink(missing_ok=True)
-
-
 def _read(path: Path) -> tuple[str, LockHolder | None] | None:
     """(raw text, holder) of a lock file; None when there is none."""
     try:
@@ -214,7 +204,7 @@ class WriterLock:
                 raise LockedError(self.path, f"cannot create the writer lock ({exc})") from exc
             if created:
                 self.holder = me
-                _remove_dead_drafts(self.path)
+                remove_stale_temporaries(self.path.parent, of=self.path.name)  # killed drafts
                 self._hold_for_tests()
                 return
             found = _read(self.path)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from histoduo.runtime.files import remove_stale_temporaries
 from histoduo.slide.sources import SlideSource
 from histoduo.store import (
     FORMAT_VERSION,
@@ -77,6 +78,7 @@ def existing_slides(
     if version == 1:
         raise StoreUpgradeNeeded(out_path, upgrade_hint(out_path))
     remove_temporary(out_path)  # a killed writer's; never trusted
+    remove_stale_temporaries(out_path.parent, of=out_path.name)  # a killed index write
     listed = listed_slides(out_path) if version == 2 else {}
     problems: dict[str, str] = {}
     existing = complete_slides(out_path, problems) if version == 2 else {}
