@@ -47,13 +47,19 @@ def _v1_complete(path: Path) -> dict[str, SlideRecord]:
         return records
 
 
-def complete_slides(path: Path, problems: dict[str, str] | None = None) -> dict[str, SlideRecord]:
+def complete_slides(
+    path: Path,
+    problems: dict[str, str] | None = None,
+    open_only: set[str] | None = None,
+) -> dict[str, SlideRecord]:
     """Names and records of the complete slides of a store (either format) or slide file.
 
     Used for resume: an unreadable or truncated file counts as holding nothing, and so does
     a listed slide whose file is missing, incomplete, or not the file the index recorded
     (another size or file id: swapped, truncated, half-copied). Why a listed slide was left
-    out goes into ``problems`` (slide name -> reason), so the caller can say so.
+    out goes into ``problems`` (slide name -> reason), so the caller can say so. With
+    ``open_only``, only those slides' files are opened to check their id (the others get the
+    size check, a ``stat``): a run that adds slides to a big store opens only its own.
     """
     path = Path(path)
     try:
@@ -77,7 +83,9 @@ def complete_slides(path: Path, problems: dict[str, str] | None = None) -> dict[
     for name, entry in entries.items():
         if entry.h5_path != "/":
             record = _v1_complete(entry.file).get(name)
-        elif (problem := entry.problem()) is not None:
+        elif (
+            problem := entry.problem(open_file=open_only is None or name in open_only)
+        ) is not None:
             record = None
             if problems is not None:
                 problems[name] = f"{entry.file} {problem}"

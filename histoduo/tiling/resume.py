@@ -53,12 +53,14 @@ def listed_slides(out_path: Path) -> dict[str, IndexEntry]:
 
 
 def existing_slides(
-    out_path: Path, log: Callable[[str], None]
+    out_path: Path, log: Callable[[str], None], names: set[str] | None = None
 ) -> tuple[dict[str, SlideRecord], dict[str, IndexEntry]]:
     """(records of complete slides to resume from, index entries to keep).
 
     Runs under the store's writer lock: temporary files in the folder are a killed
-    writer's. Every listed slide whose file checks out is kept, whatever this run tiles.
+    writer's. Every listed slide whose file checks out is kept, whatever this run tiles;
+    the files of ``names`` (the run's slides, which it may skip as done) are opened to check
+    their id, the others' sizes are checked.
     """
     version = store_version(out_path) if out_path.exists() else None
     if out_path.exists() and version is None:
@@ -81,7 +83,7 @@ def existing_slides(
     remove_stale_temporaries(out_path.parent, of=out_path.name)  # a killed index write
     listed = listed_slides(out_path) if version == 2 else {}
     problems: dict[str, str] = {}
-    existing = complete_slides(out_path, problems) if version == 2 else {}
+    existing = complete_slides(out_path, problems, names) if version == 2 else {}
     for name, why in problems.items():
         log(f"[yellow]{why}: not listed any more; tiling slide {name!r} again redoes it[/]")
     entries = {}

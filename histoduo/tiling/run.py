@@ -166,7 +166,8 @@ def _tile_locked(  # noqa: PLR0913 - tile_slides' arguments, passed on under the
     workers = default_workers() if workers is None else workers
     labeller = Labeller.from_dir(annotations_dir, params, class_names) if annotations_dir else None
     names = labeller.class_names if labeller else None
-    existing, entries = existing_slides(out_path, log or (lambda message: None))
+    names_given = {source.name for source in sources}
+    existing, entries = existing_slides(out_path, log or (lambda message: None), names_given)
     if names is None and existing and out_path.exists():
         names = store_class_names(out_path)
     pool = LazyPool(workers, tileio.WORKER_PRELOAD, initializer=tileio.warm_up)
