@@ -22,8 +22,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from histoduo.models import ModelConfig, build_model, maybe_compile  # noqa: E402
+from histoduo.models import ModelConfig, build_model  # noqa: E402
 from histoduo.models.info import model_info  # noqa: E402
+from histoduo.runtime.device import maybe_compile  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -509,7 +509,7 @@ def test_malicious_pickle_checkpoint(cohort: Path, store: Path, tmp_path: Path) 
     commands = [
         ["predict", "-m", evil, cohort / "slide0.svs", "-o", tmp_path / "p", *PREDICT],
         ["evaluate", store, "-m", evil, "--device", "cpu"],
-        ["model-info", "--checkpoint", evil, "--no-memory"],
+        ["model-info", "--model", evil, "--no-memory"],
         ["convert-checkpoint", evil, tmp_path / "converted.pt"],
         ["train", store, "-o", run, "--resume", *TINY_MODEL, *TINY_RUN],
         ["train", store, "-o", tmp_path / "run2", "--backbone-weights", evil,
@@ -530,12 +530,12 @@ def test_old_checkpoint_loads_with_trust_and_a_warning(tmp_path: Path) -> None:
     old = tmp_path / "old.pt"
     torch.save({"format": "histoduo-checkpoint", "format_version": 1, "meta": meta.to_dict(),
                 "model_state": state}, old)  # fmt: skip
-    fails("model-info", "--checkpoint", old, "--no-memory",
+    fails("model-info", "--model", old, "--no-memory",
           mentions=("old.pt", "--trust-checkpoint"))  # fmt: skip
-    text = succeeds("model-info", "--checkpoint", old, "--no-memory", "--trust-checkpoint")
+    text = succeeds("model-info", "--model", old, "--no-memory", "--trust-checkpoint")
     assert "old.pt is a pickle" in text and "runs any code" in text
     succeeds("convert-checkpoint", old, tmp_path / "new.pt", "--trust-checkpoint")
-    assert "warning" not in succeeds("model-info", "--checkpoint", tmp_path / "new.pt",
+    assert "warning" not in succeeds("model-info", "--model", tmp_path / "new.pt",
                                      "--no-memory")  # fmt: skip
 
 

@@ -22,13 +22,28 @@ def _modules(root: Path) -> dict[str, Path]:
     return found
 
 
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node except those under ``if TYPE_CHECKING:`` (annotations, not imports that
+    run; import-linter is configured the same way)."""
+    found: list[ast.AST] = []
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING"):
+            stack.extend(node.orelse)
+            continue
+        found.append(node)
+        stack.extend(ast.iter_child_nodes(node))
+    return found
+
+
 def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
     """Module -> histoduo modules it imports, lazy (function-level) imports included."""
     modules = _modules(root)
     graph: dict[str, set[str]] = defaultdict(set)
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ImportFrom):
                 if node.level:
                     base = package.split(".")[: len(package.split(".")) - node.level + 1]
@@ -129,3 +144,14 @@ def test_top_level_is_one_package_per_stage() -> None:
     assert len(entries) <= MAX_TOP_LEVEL_ENTRIES, entries
     flat = [e for e in entries if e.endswith(".py") and e not in ("__init__.py", "__main__.py")]
     assert flat == []
+
+
+def test_no_call_passes_eight_positional_arguments() -> None:
+    """Long positional calls silently swap arguments when a signature changes."""
+    long_calls = [
+        f"{path.relative_to(PACKAGE)}:{node.lineno} {ast.unparse(node.func)}"
+        for path in PACKAGE.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call) and len(node.args) >= 8
+    ]
+    assert long_calls == []

@@ -1,4 +1,8 @@
-"""Model options shared by `model-info` and `train`, and the ModelConfig they describe."""
+"""Model options shared by `model-info` and `train`, and the ModelConfig they describe.
+
+Defaults come from :class:`~histoduo.models.config.ModelConfig` (``MODEL_DEFAULTS``), so the
+CLI and the Python API cannot disagree; ``histoduo.models.config`` imports no torch.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,22 @@ from typing import Annotated, Any
 import typer
 
 from histoduo.cli._app import fail
+from histoduo.models.config import ARCHS, ModelConfig
 
-Arch = Annotated[str, typer.Option("--model", "--arch", help="duoformer, resnet or hybrid.")]
+MODEL_DEFAULTS = ModelConfig()
+
+Architecture = Annotated[
+    str, typer.Option("--architecture", help="Model to build: " + ", ".join(ARCHS) + ".")
+]
+# `--model` now means a checkpoint on every command; the old spellings of the architecture
+# flag keep working for one release, with a warning.
+LegacyArchitecture = Annotated[
+    str | None,
+    typer.Option("--model", "--arch", hidden=True, help="Deprecated: use --architecture."),
+]
+LegacyArch = Annotated[
+    str | None, typer.Option("--arch", hidden=True, help="Deprecated: use --architecture.")
+]
 Backbone = Annotated[str, typer.Option("--backbone", help="timm CNN name.")]
 BackboneWeights = Annotated[
     str | None,
@@ -63,9 +81,28 @@ FreezeBackbone = Annotated[
     bool,
     typer.Option(
         "--freeze-backbone/--no-freeze-backbone",
-        help="Keep the CNN trunk fixed (a linear probe for --model resnet).",
+        help="Keep the CNN trunk fixed (a linear probe for --architecture resnet).",
     ),
 ]
+
+
+def resolve_architecture(architecture: str, legacy: str | None) -> str:
+    """``--architecture``, or a deprecated ``--model``/``--arch`` value (warned)."""
+    if legacy is None:
+        return architecture
+    if legacy not in ARCHS:
+        raise fail(
+            f"--model {legacy!r}: on this command --model was the architecture, and now means a "
+            f"checkpoint everywhere; give the architecture with --architecture ({', '.join(ARCHS)})"
+        )
+    from rich.console import Console
+
+    Console(stderr=True).print(
+        f"[yellow]warning:[/] --model/--arch {legacy} is deprecated here and will mean a "
+        f"checkpoint in the next release; use --architecture {legacy}",
+        highlight=False,
+    )
+    return legacy
 
 
 def parse_stages(text: str | None) -> tuple[int, ...] | None:

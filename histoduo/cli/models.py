@@ -10,8 +10,9 @@ import typer
 
 from histoduo.cli._app import app, fail
 from histoduo.cli._model_options import (
+    MODEL_DEFAULTS,
     AcpLevels,
-    Arch,
+    Architecture,
     Backbone,
     BlockOrder,
     CatConcepts,
@@ -19,6 +20,7 @@ from histoduo.cli._model_options import (
     FreezeBackbone,
     InputSize,
     InteractionIn,
+    LegacyArch,
     PatchAttention,
     PatchBlock,
     PatchDepth,
@@ -29,35 +31,46 @@ from histoduo.cli._model_options import (
     ScaleToken,
     Stages,
     model_config_from_options,
+    resolve_architecture,
 )
 from histoduo.cli._options import TrustCheckpoint
 
 
 @app.command("model-info")
 def model_info_command(
-    checkpoint: Annotated[
+    model: Annotated[
         Path | None,
-        typer.Option(help="histoduo checkpoint whose model to describe (overrides the flags)."),
+        typer.Option(
+            "--model",
+            "-m",
+            help="histoduo checkpoint whose model to describe (overrides the flags).",
+            show_default=False,
+        ),
     ] = None,
-    arch: Arch = "duoformer",
-    backbone: Backbone = "resnet50",
+    legacy_checkpoint: Annotated[
+        Path | None,
+        typer.Option("--checkpoint", hidden=True, help="Deprecated: use --model."),
+    ] = None,
+    architecture: Architecture = MODEL_DEFAULTS.arch,
+    legacy_arch: LegacyArch = None,
+    backbone: Backbone = MODEL_DEFAULTS.backbone,
     stages: Stages = None,
-    patch_size: PatchSize = 32,
-    input_size: InputSize = 224,
-    embed_dim: EmbedDim = 768,
-    scale_depth: ScaleDepth = 8,
-    scale_heads: ScaleHeads = 8,
-    patch_depth: PatchDepth = 8,
-    patch_heads: PatchHeads = 8,
-    scale_token: ScaleToken = "learned",
-    patch_block: PatchBlock = "faithful",
-    block_order: BlockOrder = "sequential",
-    patch_attention: PatchAttention = True,
-    acp_levels: AcpLevels = 0,
-    cat_concepts: CatConcepts = 0,
-    interaction_in: InteractionIn = "both",
-    num_classes: Annotated[int, typer.Option(help="Output classes.")] = 3,
-    freeze_backbone: FreezeBackbone = False,
+    patch_size: PatchSize = MODEL_DEFAULTS.patch_size_px,
+    input_size: InputSize = MODEL_DEFAULTS.input_size_px,
+    embed_dim: EmbedDim = MODEL_DEFAULTS.embed_dim,
+    scale_depth: ScaleDepth = MODEL_DEFAULTS.scale_depth,
+    scale_heads: ScaleHeads = MODEL_DEFAULTS.scale_heads,
+    patch_depth: PatchDepth = MODEL_DEFAULTS.patch_depth,
+    patch_heads: PatchHeads = MODEL_DEFAULTS.patch_heads,
+    scale_token: ScaleToken = MODEL_DEFAULTS.scale_token,
+    patch_block: PatchBlock = MODEL_DEFAULTS.patch_block,
+    block_order: BlockOrder = MODEL_DEFAULTS.block_order,
+    patch_attention: PatchAttention = MODEL_DEFAULTS.patch_attention,
+    acp_levels: AcpLevels = MODEL_DEFAULTS.acp_levels,
+    cat_concepts: CatConcepts = MODEL_DEFAULTS.cat_concepts,
+    interaction_in: InteractionIn = MODEL_DEFAULTS.interaction_in,
+    num_classes: Annotated[int, typer.Option(help="Output classes.")] = MODEL_DEFAULTS.num_classes,
+    freeze_backbone: FreezeBackbone = MODEL_DEFAULTS.freeze_backbone,
     batch_size: Annotated[int, typer.Option(help="Batch for the memory measurement.")] = 1,
     device: Annotated[str, typer.Option(help="Device for the memory measurement.")] = "cpu",
     memory: Annotated[
@@ -72,16 +85,23 @@ def model_info_command(
     from histoduo.models.checkpoint import CheckpointError, load_checkpoint
     from histoduo.models.info import model_info
 
-    if checkpoint is not None:
+    if legacy_checkpoint is not None:
+        from rich.console import Console
+
+        Console(stderr=True).print(
+            "[yellow]warning:[/] --checkpoint is deprecated; use --model", highlight=False
+        )
+        model = model or legacy_checkpoint
+    if model is not None:
         try:
-            payload = load_checkpoint(checkpoint, trust=trust_checkpoint)
+            payload = load_checkpoint(model, trust=trust_checkpoint)
             config = ModelConfig.from_dict(payload["meta"]["model_config"])
         except (CheckpointError, TypeError, ValueError) as err:
             raise fail(str(err)) from err
     else:
         config = model_config_from_options(
             stages,
-            arch=arch,
+            arch=resolve_architecture(architecture, legacy_arch),
             backbone=backbone,
             patch_size_px=patch_size,
             input_size_px=input_size,

@@ -8,7 +8,10 @@ from typing import Annotated, Any
 import typer
 
 from histoduo.cli._app import app, fail
-from histoduo.cli._options import Shard, SlideInputs
+from histoduo.cli._options import Backend, Shard, SkipErrors, SlideInputs, SlideMpp
+from histoduo.tissue.detect import TissueParams
+
+TISSUE_DEFAULTS = TissueParams()  # the defaults --help shows are the library's
 
 
 @app.command("tissue")
@@ -17,22 +20,17 @@ def tissue_command(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Output folder for masks, overlays and GeoJSON.")
     ],
-    backend: Annotated[
-        str, typer.Option(help="Slide reader: auto, openslide or tiffslide.")
-    ] = "auto",
-    slide_mpp: Annotated[
-        float | None,
-        typer.Option(help="Override the slide's level-0 resolution (um/px), e.g. 0.25."),
-    ] = None,
+    backend: Backend = "auto",
+    slide_mpp: SlideMpp = None,
     mask_mpp: Annotated[
         float, typer.Option(help="Resolution the mask is computed at (um/px).")
-    ] = 4.0,
+    ] = TISSUE_DEFAULTS.mask_mpp,
     min_object_area_um2: Annotated[
         float, typer.Option(help="Drop tissue pieces smaller than this (um^2).")
-    ] = 5000.0,
+    ] = TISSUE_DEFAULTS.min_object_area_um2,
     exclude_pen: Annotated[
         bool, typer.Option("--exclude-pen/--no-exclude-pen", help="Remove marker-pen ink.")
-    ] = False,
+    ] = TISSUE_DEFAULTS.exclude_pen,
     roi: Annotated[
         Path | None,
         typer.Option(help="QuPath GeoJSON with regions (level-0 px) to restrict tissue to."),
@@ -41,47 +39,33 @@ def tissue_command(
         str, typer.Option(help="intersect: ROI AND detected tissue; replace: the ROI only.")
     ] = "intersect",
     shard: Shard = None,
-    skip_errors: Annotated[
-        bool, typer.Option(help="Report failing slides and go on; exit 0.")
-    ] = False,
+    skip_errors: SkipErrors = False,
 ) -> None:
     """Detect tissue; write <name>_mask.png, <name>_overlay.png and <name>_tissue.geojson."""
     from rich.console import Console
 
     from histoduo.cli.slides import _sources
-    from histoduo.slide import BACKENDS
     from histoduo.slide.geojson import read_annotations
-    from histoduo.tissue import ROI_MODES, TissueParams
     from histoduo.tissue.run import tissue_slides
 
-    if backend not in BACKENDS:
-        raise fail(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    if roi_mode not in ROI_MODES:
-        raise fail(f"--roi-mode must be one of {', '.join(ROI_MODES)}, not {roi_mode!r}")
-    if mask_mpp <= 0:
-        raise fail(f"--mask-mpp must be positive, got {mask_mpp}")
-    if min_object_area_um2 < 0:
-        raise fail(f"--min-object-area-um2 must be >= 0, got {min_object_area_um2}")
-    roi_annotations = None
-    if roi is not None:
-        try:
-            roi_annotations = read_annotations(roi)
-        except ValueError as exc:
-            raise fail(str(exc)) from exc
-    params = TissueParams(
-        mask_mpp=mask_mpp, min_object_area_um2=min_object_area_um2, exclude_pen=exclude_pen
-    )
-    sources = _sources(slides, slide_mpp, shard)
-    report = tissue_slides(
-        sources,
-        out,
-        params,
-        backend=backend,
-        roi=roi_annotations,
-        roi_path=roi,
-        roi_mode=roi_mode,
-        skip_errors=skip_errors,
-    )
+    try:
+        params = TissueParams(
+            mask_mpp=mask_mpp, min_object_area_um2=min_object_area_um2, exclude_pen=exclude_pen
+        )
+        roi_annotations = read_annotations(roi) if roi is not None else None
+        sources = _sources(slides, slide_mpp, shard)
+        report = tissue_slides(
+            sources,
+            out,
+            params,
+            backend=backend,
+            roi=roi_annotations,
+            roi_path=roi,
+            roi_mode=roi_mode,
+            skip_errors=skip_errors,
+        )
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
     console = Console()
     console.print(_table(report))
     if report.first_error is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -11,8 +10,9 @@ import typer
 
 from histoduo.cli._app import app, fail
 from histoduo.cli._model_options import (
+    MODEL_DEFAULTS,
     AcpLevels,
-    Arch,
+    Architecture,
     Backbone,
     BackboneWeights,
     BlockOrder,
@@ -22,6 +22,7 @@ from histoduo.cli._model_options import (
     EmbedDim,
     FreezeBackbone,
     InteractionIn,
+    LegacyArchitecture,
     PatchAttention,
     PatchBlock,
     PatchDepth,
@@ -32,8 +33,12 @@ from histoduo.cli._model_options import (
     ScaleToken,
     Stages,
     model_config_from_options,
+    resolve_architecture,
 )
 from histoduo.cli._options import Quiet, TrustCheckpoint
+from histoduo.training.config import TrainConfig
+
+TRAIN_DEFAULTS = TrainConfig()  # the defaults --help shows are the library's
 
 Store = Annotated[Path, typer.Argument(help="Tile store with labelled tiles.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
@@ -45,6 +50,9 @@ SlideLabels = Annotated[
         show_default=False,
     ),
 ]
+LabelSmoothing = Annotated[float, typer.Option("--label-smoothing")]
+GradAccumulation = Annotated[int, typer.Option("--grad-accumulation")]
+Bf16 = Annotated[str, typer.Option("--bf16", help="auto (GPU only), on or off.")]
 Splits = Annotated[
     Path | None,
     typer.Option("--splits", help="CSV slide,split (train/val/test) to use.", show_default=False),
@@ -70,39 +78,40 @@ def _display_names(items: list[str]) -> dict[str, str]:
 def train_command(
     store: Store,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")],
-    arch: Arch = "duoformer",
-    backbone: Backbone = "resnet50",
-    backbone_weights: BackboneWeights = None,
-    freeze_backbone: FreezeBackbone = False,
+    architecture: Architecture = MODEL_DEFAULTS.arch,
+    legacy_architecture: LegacyArchitecture = None,
+    backbone: Backbone = MODEL_DEFAULTS.backbone,
+    backbone_weights: BackboneWeights = MODEL_DEFAULTS.backbone_weights,
+    freeze_backbone: FreezeBackbone = MODEL_DEFAULTS.freeze_backbone,
     stages: Stages = None,
-    patch_size: PatchSize = 32,
+    patch_size: PatchSize = MODEL_DEFAULTS.patch_size_px,
     input_size: Annotated[
         int | None,
         typer.Option(
             "--input-size", help="Model input in px (default: the tile size).", show_default=False
         ),
     ] = None,
-    embed_dim: EmbedDim = 768,
-    scale_depth: ScaleDepth = 8,
-    scale_heads: ScaleHeads = 8,
-    patch_depth: PatchDepth = 8,
-    patch_heads: PatchHeads = 8,
-    scale_token: ScaleToken = "learned",
-    patch_block: PatchBlock = "faithful",
-    block_order: BlockOrder = "sequential",
-    patch_attention: PatchAttention = True,
-    acp_levels: AcpLevels = 0,
-    cat_concepts: CatConcepts = 0,
-    interaction_in: InteractionIn = "both",
-    dropout: Dropout = 0.0,
-    drop_path: DropPath = 0.0,
+    embed_dim: EmbedDim = MODEL_DEFAULTS.embed_dim,
+    scale_depth: ScaleDepth = MODEL_DEFAULTS.scale_depth,
+    scale_heads: ScaleHeads = MODEL_DEFAULTS.scale_heads,
+    patch_depth: PatchDepth = MODEL_DEFAULTS.patch_depth,
+    patch_heads: PatchHeads = MODEL_DEFAULTS.patch_heads,
+    scale_token: ScaleToken = MODEL_DEFAULTS.scale_token,
+    patch_block: PatchBlock = MODEL_DEFAULTS.patch_block,
+    block_order: BlockOrder = MODEL_DEFAULTS.block_order,
+    patch_attention: PatchAttention = MODEL_DEFAULTS.patch_attention,
+    acp_levels: AcpLevels = MODEL_DEFAULTS.acp_levels,
+    cat_concepts: CatConcepts = MODEL_DEFAULTS.cat_concepts,
+    interaction_in: InteractionIn = MODEL_DEFAULTS.interaction_in,
+    dropout: Dropout = MODEL_DEFAULTS.dropout,
+    drop_path: DropPath = MODEL_DEFAULTS.drop_path,
     preset: Annotated[
         str,
         typer.Option(
             "--preset",
             help="default, or authors (the DuoFormer authors' recipe, docs/training.md).",
         ),
-    ] = "default",
+    ] = TRAIN_DEFAULTS.preset,
     epochs: Annotated[
         int | None, typer.Option("--epochs", show_default=False, help="Epochs (default 10).")
     ] = None,
@@ -133,7 +142,9 @@ def train_command(
             "--scheduler", show_default=False, help="onecycle, cosine or none (per iteration)."
         ),
     ] = None,
-    label_smoothing: Annotated[float, typer.Option("--label-smoothing")] = 0.0,
+    label_smoothing: Annotated[
+        float, typer.Option("--label-smoothing")
+    ] = TRAIN_DEFAULTS.label_smoothing,
     weighted_loss: Annotated[
         bool,
         typer.Option(
@@ -143,10 +154,12 @@ def train_command(
     ] = False,
     hed: Annotated[
         float, typer.Option("--hed", help="HED stain augmentation strength (0 = off, ~0.03).")
-    ] = 0.0,
-    val_fraction: Annotated[float, typer.Option("--val-fraction")] = 0.2,
-    test_fraction: Annotated[float, typer.Option("--test-fraction")] = 0.2,
-    split_by: Annotated[str, typer.Option("--split-by", help="slide or patient.")] = "slide",
+    ] = TRAIN_DEFAULTS.augment.hed_sigma,
+    val_fraction: Annotated[float, typer.Option("--val-fraction")] = TRAIN_DEFAULTS.val_fraction,
+    test_fraction: Annotated[float, typer.Option("--test-fraction")] = TRAIN_DEFAULTS.test_fraction,
+    split_by: Annotated[str, typer.Option("--split-by", help="slide or patient.")] = (
+        TRAIN_DEFAULTS.split_by
+    ),
     splits: Splits = None,
     slide_labels: SlideLabels = None,
     grades: Annotated[
@@ -173,8 +186,12 @@ def train_command(
             "--patience", help="Early stopping: epochs without validation gain.", show_default=False
         ),
     ] = None,
-    grad_accumulation: Annotated[int, typer.Option("--grad-accumulation")] = 1,
-    bf16: Annotated[str, typer.Option("--bf16", help="auto (GPU only), on or off.")] = "auto",
+    grad_accumulation: Annotated[
+        int, typer.Option("--grad-accumulation")
+    ] = TRAIN_DEFAULTS.grad_accumulation,
+    bf16: Annotated[
+        str, typer.Option("--bf16", help="auto (GPU only), on or off.")
+    ] = TRAIN_DEFAULTS.bf16,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = (
         False
     ),
@@ -185,7 +202,7 @@ def train_command(
         ),
     ] = None,
     device: Device = "auto",
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed")] = TRAIN_DEFAULTS.seed,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
     trust_checkpoint: TrustCheckpoint = False,
     quiet: Quiet = False,
@@ -194,36 +211,36 @@ def train_command(
     from rich.console import Console
 
     from histoduo.models.checkpoint import CheckpointError
-    from histoduo.store import StoreError, TileStore
+    from histoduo.store import StoreError
     from histoduo.training import LabelError, TrainConfig, train
-    from histoduo.training.config import AugmentConfig
+    from histoduo.training.data import store_tile_size_px
 
     console = Console(stderr=True)
+    arch = resolve_architecture(architecture, legacy_architecture)
     shown_names = _display_names(display_name or [])  # before any work: a typo fails fast
     if not store.exists():
         raise fail(f"{store}: tile store not found")
     try:
-        with TileStore(store) as tiles:
-            tile_size = tiles.record(tiles.slides[0]).tile_size_px
-    except (StoreError, IndexError, KeyError) as exc:
+        tile_size = input_size or store_tile_size_px(store)
+    except (StoreError, OSError, KeyError) as exc:
         raise fail(f"{store}: not a usable tile store ({exc})") from None
     model_config = model_config_from_options(
         stages, arch=arch, backbone=backbone, backbone_weights=backbone_weights,
-        freeze_backbone=freeze_backbone, patch_size_px=patch_size,
-        input_size_px=input_size or tile_size, embed_dim=embed_dim, scale_depth=scale_depth,
-        scale_heads=scale_heads, patch_depth=patch_depth, patch_heads=patch_heads,
-        scale_token=scale_token, patch_block=patch_block, block_order=block_order,
-        patch_attention=patch_attention, acp_levels=acp_levels, cat_concepts=cat_concepts,
-        interaction_in=interaction_in, dropout=dropout, drop_path=drop_path,
+        freeze_backbone=freeze_backbone, patch_size_px=patch_size, input_size_px=tile_size,
+        embed_dim=embed_dim, scale_depth=scale_depth, scale_heads=scale_heads,
+        patch_depth=patch_depth, patch_heads=patch_heads, scale_token=scale_token,
+        patch_block=patch_block, block_order=block_order, patch_attention=patch_attention,
+        acp_levels=acp_levels, cat_concepts=cat_concepts, interaction_in=interaction_in,
+        dropout=dropout, drop_path=drop_path,
     )  # fmt: skip
+    # Options left unset take the preset's value (the authors' recipe differs from ours).
     given = {
         "epochs": epochs, "iterations_per_epoch": iterations, "batch_size": batch_size,
         "lr": lr, "weight_decay": weight_decay, "optimizer": optimizer, "scheduler": scheduler,
     }  # fmt: skip
     settings = {k: v for k, v in given.items() if v is not None}
     settings.update(
-        label_smoothing=label_smoothing, weighted_loss=weighted_loss,
-        balanced_sampler=not weighted_loss, val_fraction=val_fraction,
+        label_smoothing=label_smoothing, weighted_loss=weighted_loss, val_fraction=val_fraction,
         test_fraction=test_fraction, split_by=split_by,
         splits_csv=str(splits) if splits else None,
         slide_labels_csv=str(slide_labels) if slide_labels else None, grades=_names(grades),
@@ -232,13 +249,7 @@ def train_command(
         compile=compile_model, num_workers=workers, device=device, seed=seed,
     )  # fmt: skip
     try:
-        if preset == "authors":
-            config = TrainConfig.authors(**settings)
-            config.augment.hed_sigma = hed
-        elif preset == "default":
-            config = TrainConfig(augment=AugmentConfig(hed_sigma=hed), **settings)
-        else:
-            raise ValueError(f"--preset must be default or authors, got {preset!r}")
+        config = TrainConfig.from_preset(preset, hed_sigma=hed, **settings)
         result = train(
             store,
             out,
@@ -251,7 +262,7 @@ def train_command(
         )
     except (LabelError, StoreError, CheckpointError, ValueError, RuntimeError) as exc:
         raise fail(str(exc)) from None
-    if os.environ.get("RANK", "0") != "0":
+    if not result.main_process:
         return  # under torchrun only rank 0 reports
     summary = {k: result.metrics.get(f"{k}_balanced_accuracy") for k in ("val", "test")}
     shown = ", ".join(f"{k} balanced accuracy {v:.3f}" for k, v in summary.items() if v is not None)

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class UncertaintyParams:
     """When a slide-level call is flagged uncertain (see the module docstring).
 
@@ -35,7 +35,7 @@ class UncertaintyParams:
             raise ValueError(f"max_mpp_ratio must be >= 1, got {self.max_mpp_ratio}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GradeParams:
     """Thresholds of the slide-level grade rule (see the module docstring)."""
 

@@ -19,7 +19,7 @@ BLOCK_ORDERS: tuple[str, ...] = ("sequential", "interleaved")
 INTERACTION_INS: tuple[str, ...] = ("scale", "patch", "both")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelConfig:
     """Architecture of a histoduo classifier; defaults are the authors' best DuoFormer run.
 

@@ -20,19 +20,35 @@ reruns accumulate), ``report.html`` (histoduo.results.report, rebuilt the same w
 ``manifest.json`` (``manifest.shard-K-of-N.json`` for a shard).
 """
 
-from histoduo.predict.engine import SlideTiles, StoreTiles, TilePredictor
-from histoduo.predict.outputs import PredictReport, SlideOutcome, tile_features, write_slide_outputs
-from histoduo.predict.params import THUMBNAIL_MAX_PX, PredictParams, tiling_for
-from histoduo.predict.run import predict_run
-from histoduo.predict.scoring import grade_scores
+from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from histoduo.runtime.lazy import lazy_exports
+
+# Names import their module on first use, so ``histoduo.predict.params`` needs no torch.
+_EXPORTS = {
+    "THUMBNAIL_MAX_PX": "params",
+    "PredictParams": "params",
+    "PredictReport": "outputs",
+    "SlideOutcome": "outputs",
+    "SlideTiles": "engine",
+    "StoreTiles": "engine",
+    "TilePredictor": "engine",
+    "grade_scores": "scoring",
+    "predict_run": "run",
+    "tile_features": "outputs",
+    "tiling_for": "params",
+    "write_slide_outputs": "outputs",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = [
-    "THUMBNAIL_MAX_PX",
     "PredictParams",
     "PredictReport",
     "SlideOutcome",
     "SlideTiles",
     "StoreTiles",
+    "THUMBNAIL_MAX_PX",
     "TilePredictor",
     "grade_scores",
     "predict_run",
@@ -40,3 +56,15 @@ __all__ = [
     "tiling_for",
     "write_slide_outputs",
 ]
+
+if TYPE_CHECKING:
+    from histoduo.predict.engine import SlideTiles, StoreTiles, TilePredictor
+    from histoduo.predict.outputs import (
+        PredictReport,
+        SlideOutcome,
+        tile_features,
+        write_slide_outputs,
+    )
+    from histoduo.predict.params import THUMBNAIL_MAX_PX, PredictParams, tiling_for
+    from histoduo.predict.run import predict_run
+    from histoduo.predict.scoring import grade_scores

@@ -26,6 +26,7 @@ from histoduo.results.layout import (
 from histoduo.results.scores import SlideScores
 from histoduo.results.tables import tiles_table_text
 from histoduo.runtime.files import atomic_write_text
+from histoduo.runtime.slides import FAILED_STATUSES
 from histoduo.slide.geojson import polygon_feature
 from histoduo.tissue import TissueMask
 
@@ -107,7 +108,7 @@ class PredictReport:
 
     @property
     def failed(self) -> list[SlideOutcome]:
-        return [o for o in self.outcomes if o.status in ("error", "no_tissue")]
+        return [o for o in self.outcomes if o.status in FAILED_STATUSES]
 
 
 def skipped_outcome(slide_dir: Path, name: str, path: str) -> SlideOutcome:

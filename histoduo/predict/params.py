@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 THUMBNAIL_MAX_PX = 1024  # long side of the stored thumbnail the maps are painted on
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PredictParams:
     """How a run predicts; recorded in the manifest."""
 

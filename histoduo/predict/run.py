@@ -201,7 +201,17 @@ def predict_run(
     if workers is None:
         workers = default_workers(predictor.worker_kind(store=tiles_store is not None))
     tiling = tiling_for(meta, params, say)
-    run = _PredictRun(out, checkpoint, meta, params, predictor, tiling, workers, overwrite, say)
+    run = _PredictRun(
+        out=out,
+        checkpoint=checkpoint,
+        meta=meta,
+        params=params,
+        predictor=predictor,
+        tiling=tiling,
+        workers=workers,
+        overwrite=overwrite,
+        say=say,
+    )
     run.model = CheckpointIdentity.of(None if model_and_meta else checkpoint)
     with ExitStack() as held:
         try:
@@ -248,7 +258,16 @@ def _finish(
     out, meta, params, overwrite = run.out, run.meta, run.params, run.overwrite
     predictor, workers = run.predictor, run.workers
     csv_path = write_slides_csv(out)
-    manifest = _manifest(checkpoint, meta, params, predictor, workers, run.outcomes, started, shard)
+    manifest = _manifest(
+        checkpoint=checkpoint,
+        meta=meta,
+        params=params,
+        predictor=predictor,
+        workers=workers,
+        outcomes=run.outcomes,
+        started=started,
+        shard=shard,
+    )
     manifest["tiles_store"] = str(tiles_store) if tiles_store else None
     manifest["overwrite"], manifest["skip_errors"] = overwrite, skip_errors
     name = manifest_name(shard)

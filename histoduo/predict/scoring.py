@@ -68,7 +68,16 @@ def plan_slide(source: SlideSource, params: PredictParams, tiling: TilingParams)
             thumbnail, thumb_ds = mask.thumbnail, mask.downsample
         else:
             thumbnail = slide.read_downsampled(thumb_ds)
-    return SlidePlan(geometry, mask, coords, fractions, thumbnail, thumb_ds, width0, height0)
+    return SlidePlan(
+        geometry=geometry,
+        mask=mask,
+        coords=coords,
+        fractions=fractions,
+        thumbnail=thumbnail,
+        thumb_ds=thumb_ds,
+        level0_width=width0,
+        level0_height=height0,
+    )
 
 
 def scores_from_slide(
@@ -84,14 +93,14 @@ def scores_from_slide(
     thumbnail, thumb_ds, width0, height0 = p.thumbnail, p.thumb_ds, p.level0_width, p.level0_height
     # The slide is closed before workers start: they open it themselves.
     tiles = SlideTiles(
-        str(source.path),
-        params.backend,
-        source.mpp,
-        coords,
-        geometry.tile_size_level0,
-        tiling.tile_size_px,
-        predictor.batch_size,
-        predictor.transform,
+        slide_path=str(source.path),
+        backend=params.backend,
+        mpp_override=source.mpp,
+        coords=coords,
+        size_level0=geometry.tile_size_level0,
+        tile_size_px=tiling.tile_size_px,
+        batch_size=predictor.batch_size,
+        transform=predictor.transform,
     )
     probs = predictor.run(tiles, workers)
     return SlideScores(

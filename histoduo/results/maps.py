@@ -31,7 +31,7 @@ from histoduo.results.scores import SlideScores
 from histoduo.runtime.files import atomic_write_bytes
 
 
-@dataclass
+@dataclass(kw_only=True)
 class HeatmapStyle:
     """How maps look; every field is a ``histoduo heatmap`` flag."""
 

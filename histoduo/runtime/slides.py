@@ -15,6 +15,8 @@ from histoduo.runtime.errors import HistoduoError
 T = TypeVar("T")
 
 STATUSES = ("done", "skipped", "no_tissue", "error")
+FAILED_STATUSES = ("no_tissue", "error")  # what reports list as failed slides
+FINISHED_STATUSES = ("done", "skipped")
 
 
 def status_of(exc: BaseException) -> str:

@@ -30,7 +30,7 @@ from histoduo.training.metrics import balanced_accuracy
 HELD_OUT_FOCUS = ("high_grade", 0.12)  # a high-grade focus of 12% of the tissue
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DemoConfig:
     """Sizes and budgets of the demo; the defaults take a few minutes on 2 CPU cores."""
 

@@ -72,7 +72,17 @@ def _stamp(
     if cx.size > chunk:
         for i in range(0, cx.size, chunk):
             sl = slice(i, i + chunk)
-            _stamp(cov, cx[sl], cy[sl], ra[sl], rb[sl], ang[sl], irr[sl], weight[sl], soft)
+            _stamp(
+                cov=cov,
+                cx=cx[sl],
+                cy=cy[sl],
+                ra=ra[sl],
+                rb=rb[sl],
+                ang=ang[sl],
+                irr=irr[sl],
+                weight=weight[sl],
+                soft=soft,
+            )
         return
     offs = np.arange(-K, K + 1, dtype=np.float32)
     icx = np.round(cx).astype(np.int64)
@@ -184,9 +194,18 @@ def render_region(
             zero = np.zeros_like(cx)
             one = np.ones_like(cx)
             rim = np.zeros((h, w), np.float32)
-            _stamp(rim, cx, cy, lum_r * 2.0 * ecc, lum_r * 2.0, ang, zero, one)
+            _stamp(
+                cov=rim,
+                cx=cx,
+                cy=cy,
+                ra=lum_r * 2.0 * ecc,
+                rb=lum_r * 2.0,
+                ang=ang,
+                irr=zero,
+                weight=one,
+            )
             lumen = np.zeros((h, w), np.float32)
-            _stamp(lumen, cx, cy, lum_r * ecc, lum_r, ang, zero, one)
+            _stamp(cov=lumen, cx=cx, cy=cy, ra=lum_r * ecc, rb=lum_r, ang=ang, irr=zero, weight=one)
             rim = np.clip(rim, 0, 1) * tissue
             lumen = np.clip(lumen, 0, 1) * tissue
             for ch, (rc, lc) in enumerate(zip((222.0, 134.0, 182.0), (247.0, 240.0, 246.0))):
@@ -214,14 +233,14 @@ def render_region(
             nr = (st_r[:, None] * (1.15 + 0.2 * (jit - 0.5))).ravel()
             alpha = np.array([0.0] + [st.nuc_alpha for st in styles])[lab]
             _stamp(
-                nuc,
-                rcx.ravel(),
-                rcy.ravel(),
-                nr,
-                nr * 0.85,
-                (phi + math.pi / 2).ravel(),
-                np.zeros(nr.size),
-                np.repeat(alpha, n_ring) * (0.85 + 0.15 * jit.ravel()),
+                cov=nuc,
+                cx=rcx.ravel(),
+                cy=rcy.ravel(),
+                ra=nr,
+                rb=nr * 0.85,
+                ang=(phi + math.pi / 2).ravel(),
+                irr=np.zeros(nr.size),
+                weight=np.repeat(alpha, n_ring) * (0.85 + 0.15 * jit.ravel()),
             )
 
     # free nuclei (thinned per class density; size/shape/darkness from the class at the centre)
@@ -240,14 +259,14 @@ def render_region(
         sq = np.sqrt(asp)
         dark = st.nuc_alpha * (0.8 + 0.2 * _attr(spec, 31, 7, idl))
         _stamp(
-            nuc,
-            (X[sel] - x) / ds - 0.5,
-            (Y[sel] - y) / ds - 0.5,
-            r * sq,
-            r / sq,
-            _attr(spec, 31, 6, idl) * math.pi,
-            np.full(r.size, st.nuc_irregular) * _attr(spec, 31, 8, idl),
-            dark,
+            cov=nuc,
+            cx=(X[sel] - x) / ds - 0.5,
+            cy=(Y[sel] - y) / ds - 0.5,
+            ra=r * sq,
+            rb=r / sq,
+            ang=_attr(spec, 31, 6, idl) * math.pi,
+            irr=np.full(r.size, st.nuc_irregular) * _attr(spec, 31, 8, idl),
+            weight=dark,
         )
     nuc = np.clip(nuc, 0, 1) * tissue
     nuc *= 0.88 + 0.12 * grain  # chromatin texture

@@ -12,7 +12,7 @@ from histoduo.tissue import TissueParams
 ENCODINGS = ("jpeg", "raw")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TilingParams:
     """How tiles are cut; recorded in the store and compared on resume."""
 

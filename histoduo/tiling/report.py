@@ -8,7 +8,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from histoduo import __version__
 from histoduo.runtime.files import atomic_write, atomic_write_text
+from histoduo.runtime.slides import FAILED_STATUSES, FINISHED_STATUSES
 
 
 @dataclass
@@ -32,7 +34,7 @@ class TilingReport:
 
     @property
     def failed(self) -> list[SlideResult]:
-        return [r for r in self.results if r.status in ("error", "no_tissue")]
+        return [r for r in self.results if r.status in FAILED_STATUSES]
 
     def write(self, base: Path) -> tuple[Path, Path]:
         """``<base>.report.json`` and ``<base>.report.csv``, atomically."""
@@ -40,7 +42,7 @@ class TilingReport:
         csv_path = base.with_name(base.name + ".report.csv")
         payload = {
             "store": self.store,
-            "histoduo_version": _version(),
+            "histoduo_version": __version__,
             "params": self.params,
             "slides": [asdict(r) for r in self.results],
         }
@@ -54,14 +56,8 @@ class TilingReport:
         return json_path, csv_path
 
 
-def _version() -> str:
-    from histoduo import __version__
-
-    return __version__
-
-
 def summarise(report: TilingReport) -> dict[str, Any]:
-    done = [r for r in report.results if r.status in ("done", "skipped")]
+    done = [r for r in report.results if r.status in FINISHED_STATUSES]
     return {
         "slides": len(report.results),
         "tiled": sum(r.status == "done" for r in report.results),

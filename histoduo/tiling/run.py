@@ -172,8 +172,9 @@ def _tile_locked(  # noqa: PLR0913 - tile_slides' arguments, passed on under the
         names = store_class_names(out_path)
     pool = LazyPool(workers, tileio.WORKER_PRELOAD, initializer=tileio.warm_up)
     run = _TileRun(
-        out_path, params, backend, overwrite, labeller, labelled_only, names, existing, entries,
-        pool,
+        out_path=out_path, params=params, backend=backend, overwrite=overwrite,
+        labeller=labeller, labelled_only=labelled_only, class_names=names, existing=existing,
+        entries=entries, pool=pool,
     )  # fmt: skip
     run.log = log
     first_error = None
@@ -393,14 +394,14 @@ def _tile_blocks(
     coords, geometry = plan.coords, plan.geometry
     tasks = [
         tileio.ChunkTask(
-            str(source.path),
-            backend,
-            source.mpp,
-            coords[start : start + _CHUNK_TILES],
-            geometry.tile_size_level0,
-            params.tile_size_px,
-            params.encoding,
-            params.jpeg_quality,
+            slide_path=str(source.path),
+            backend=backend,
+            mpp_override=source.mpp,
+            coords=coords[start : start + _CHUNK_TILES],
+            size_level0=geometry.tile_size_level0,
+            tile_size_px=params.tile_size_px,
+            encoding=params.encoding,
+            jpeg_quality=params.jpeg_quality,
             read_level=geometry.read_level,
             read_size_px=geometry.read_size_px,
         )

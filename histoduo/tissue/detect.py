@@ -9,6 +9,7 @@ QuPath ROI to intersect with, or replace, the detected mask.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ _GLASS_MIN_CHANNEL = 0.92
 _LOG_EPS = 0.01
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TissueParams:
     """Tissue detection settings; units in the names; JSON-able via dataclasses.asdict."""
 
@@ -49,6 +50,14 @@ class TissueParams:
     max_hole_area_um2: float = 20000.0
     exclude_pen: bool = False
     closing_um: float = 8.0
+
+    def __post_init__(self) -> None:
+        if not (self.mask_mpp > 0 and math.isfinite(self.mask_mpp)):
+            raise ValueError(f"mask mpp must be a positive number of um/px, got {self.mask_mpp}")
+        for name in ("min_object_area_um2", "max_hole_area_um2", "smoothing_um", "closing_um"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be >= 0, got {value}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

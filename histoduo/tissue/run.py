@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from histoduo.runtime.errors import HistoduoError
-from histoduo.runtime.slides import run_slides
+from histoduo.runtime.slides import FAILED_STATUSES, run_slides
 from histoduo.slide import SlideError, open_slide
 from histoduo.slide.geojson import check_annotations
 from histoduo.slide.sources import SlideSource
@@ -39,7 +39,7 @@ class TissueReport:
 
     @property
     def failed(self) -> list[TissueResult]:
-        return [r for r in self.results if r.status in ("error", "no_tissue")]
+        return [r for r in self.results if r.status in FAILED_STATUSES]
 
 
 def tissue_slides(
@@ -60,6 +60,13 @@ def tissue_slides(
     """
     import time
 
+    from histoduo.slide import BACKENDS
+    from histoduo.tissue.detect import ROI_MODES
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if roi_mode not in ROI_MODES:
+        raise ValueError(f"ROI mode must be one of {', '.join(ROI_MODES)}, not {roi_mode!r}")
     out = Path(out_dir)
     report = TissueReport()
 

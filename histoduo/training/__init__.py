@@ -1,7 +1,33 @@
-"""Training DuoFormer and its baselines on labelled tiles of a tile store."""
+"""Training DuoFormer and its baselines on labelled tiles of a tile store.
 
-from histoduo.training.config import AugmentConfig, TrainConfig
-from histoduo.training.data import LabelError
-from histoduo.training.loop import TrainResult, evaluate, train
+Names import their module on first use, so ``histoduo.training.config`` needs no torch.
+"""
 
-__all__ = ["AugmentConfig", "LabelError", "TrainConfig", "TrainResult", "evaluate", "train"]
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from histoduo.runtime.lazy import lazy_exports
+
+_EXPORTS = {
+    "AugmentConfig": "config",
+    "LabelError": "data",
+    "TrainConfig": "config",
+    "TrainResult": "loop",
+    "evaluate": "loop",
+    "train": "loop",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = [
+    "AugmentConfig",
+    "LabelError",
+    "TrainConfig",
+    "TrainResult",
+    "evaluate",
+    "train",
+]
+
+if TYPE_CHECKING:
+    from histoduo.training.config import AugmentConfig, TrainConfig
+    from histoduo.training.data import LabelError
+    from histoduo.training.loop import TrainResult, evaluate, train

@@ -11,7 +11,7 @@ SCHEDULERS = ("onecycle", "cosine", "none")
 PRESETS = ("default", "authors")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AugmentConfig:
     """Train-time augmentation, applied to uint8 tensors in the DataLoader workers."""
 
@@ -25,7 +25,7 @@ class AugmentConfig:
     random_crop: bool = False  # random crop of the model's input size (authors: True)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
     """How a model is trained. ``preset="authors"`` reproduces the DuoFormer authors' recipe
     (docs/training.md)."""
@@ -90,6 +90,19 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         return cls(**data)
+
+    @classmethod
+    def from_preset(
+        cls, preset: str = "default", *, hed_sigma: float | None = None, **settings: Any
+    ) -> TrainConfig:
+        """``default`` or ``authors`` (:meth:`authors`), with ``settings`` on top; ``hed_sigma``
+        sets the stain augmentation of either."""
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        config = cls.authors(**settings) if preset == "authors" else cls(**settings)
+        if hed_sigma is not None:
+            config.augment = dataclasses.replace(config.augment, hed_sigma=hed_sigma)
+        return config
 
     @classmethod
     def authors(cls, **overrides: Any) -> TrainConfig:

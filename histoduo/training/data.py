@@ -38,6 +38,16 @@ class TileTable:
         return dict(zip(self.class_names, values.tolist()))
 
 
+def store_tile_size_px(store_path: str | Path) -> int:
+    """The tile size of a store's slides: a model's default input size."""
+    from histoduo.store import StoreError
+
+    with TileStore(store_path) as tiles:
+        if not tiles.slides:
+            raise StoreError(store_path, "the tile store holds no slides")
+        return tiles.record(tiles.slides[0]).tile_size_px
+
+
 def read_slide_labels(path: str | Path) -> pd.DataFrame:
     """A ``slide,label[,patient]`` CSV; a slide listed twice with two labels is an error."""
     path = Path(path)

@@ -54,6 +54,7 @@ class TrainResult:
     best_checkpoint: Path
     last_checkpoint: Path
     metrics: dict[str, Any] = field(default_factory=dict)
+    main_process: bool = True  # False on every torchrun rank but 0: only rank 0 reports
 
 
 def _meta(
@@ -150,7 +151,7 @@ def train(
         final = shared[0]
     if session.owns_group:
         torch.distributed.destroy_process_group()
-    return TrainResult(out, out / "best.pt", out / "last.pt", final)
+    return TrainResult(out, out / "best.pt", out / "last.pt", final, main_process=dist.main)
 
 
 def _resume_or_start(
@@ -214,14 +215,14 @@ def _save_epoch(
         **{k: v for k, v in row.items() if k != "epoch"},
     }
     meta = _meta(
-        session.model_config,
-        session.table,
-        session.store,
-        session.config,
-        session.mean,
-        session.std,
-        metrics,
-        epoch,
+        model_config=session.model_config,
+        table=session.table,
+        store=session.store,
+        config=session.config,
+        mean=session.mean,
+        std=session.std,
+        metrics=metrics,
+        epoch=epoch,
     )
     train_state = {
         "optimizer": session.optimizer.state_dict(),

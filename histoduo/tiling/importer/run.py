@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from histoduo import __version__
 from histoduo.runtime.files import atomic_write_text
 from histoduo.runtime.locks import LockParams
 from histoduo.store import (
@@ -57,14 +58,8 @@ class ImportReport:
 
     def write(self, out_path: Path) -> Path:
         path = out_path.with_name(out_path.name + ".report.json")
-        payload = {"histoduo_version": _version(), "n_images": self.n_images, **asdict(self)}
+        payload = {"histoduo_version": __version__, "n_images": self.n_images, **asdict(self)}
         return atomic_write_text(path, json.dumps(payload, indent=2))
-
-
-def _version() -> str:
-    from histoduo import __version__
-
-    return __version__
 
 
 @dataclass
@@ -133,9 +128,15 @@ def import_images(
     with store_lock(out_path, lock, run.say):  # one writer; checked again under the lock
         _refuse_existing(out_path, overwrite)
         written = _write_store(
-            run, out_path, _group_entries(usable), class_names, tile_size_px, target_mpp,
-            mpp_source, workers,
-        )  # fmt: skip
+            run=run,
+            out_path=out_path,
+            groups=_group_entries(usable),
+            class_names=class_names,
+            tile_size_px=tile_size_px,
+            target_mpp=target_mpp,
+            mpp_source=mpp_source,
+            workers=workers,
+        )
         report = _report(run, out_path, class_names, tile_size_px, target_mpp, written)
     return report
 
@@ -253,15 +254,15 @@ def _write_store(
             if not kept:
                 continue
             data = _group_data(
-                name,
-                run.folder,
-                [e for e, _ in kept],
-                [r.tile for _, r in kept],  # type: ignore[misc]
-                [r.cell for _, r in kept],  # type: ignore[misc]
-                tile_size_px,
-                target_mpp,
-                params,
-                mpp_source,
+                name=name,
+                folder=run.folder,
+                entries=[e for e, _ in kept],
+                tiles=[r.tile for _, r in kept],  # type: ignore[misc]
+                cells=[r.cell for _, r in kept],  # type: ignore[misc]
+                tile_size_px=tile_size_px,
+                target_mpp=target_mpp,
+                params=params,
+                mpp_source=mpp_source,
             )
             part = parts_dir / f"{group_key(name)}.h5"
             _write_part(part, data, params.encoding, tile_size_px, [r.tile for _, r in kept])

@@ -20,7 +20,7 @@ class ImageImportError(HistoduoError):
     """An image folder, image or label CSV is unusable; names the file."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ImportParams:
     """How images become tiles; recorded in every group's ``params`` attribute."""
 
