@@ -141,15 +141,26 @@ def tile_slides(
     check_out_path(out_path, sources)
     with store_lock(out_path, lock, log):
         report, first_error = _tile_locked(
-            sources, out_path, params, backend, workers, overwrite, skip_errors,
-            annotations_dir, labelled_only, class_names, progress, log,
-        )  # fmt: skip
+            sources=sources,
+            out_path=out_path,
+            params=params,
+            backend=backend,
+            workers=workers,
+            overwrite=overwrite,
+            skip_errors=skip_errors,
+            annotations_dir=annotations_dir,
+            labelled_only=labelled_only,
+            class_names=class_names,
+            progress=progress,
+            log=log,
+        )
     if first_error is not None:
         raise first_error
     return report
 
 
 def _tile_locked(  # noqa: PLR0913 - tile_slides' arguments, passed on under the lock
+    *,
     sources: Sequence[SlideSource],
     out_path: Path,
     params: TilingParams,
