@@ -163,23 +163,3 @@ def test_auto_array_tiles_into_per_shard_stores_that_merge_to_one_run(
         assert sorted(got.slides) == sorted(ref.slides) == ["svs_a", "svs_b"]
         for name in ref.slides:
             assert (got.coords(name) == ref.coords(name)).all()
-
-
-def test_folder_lock_excludes_other_processes(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    from histoduo.runtime.files import folder_lock
-
-    probe = (
-        "import fcntl, os, sys\n"
-        "fd = os.open(sys.argv[1], os.O_RDWR)\n"
-        "try:\n"
-        "    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
-        "except BlockingIOError:\n"
-        "    sys.exit(3)\n"
-    )
-    with folder_lock(tmp_path) as lock_file:
-        held = subprocess.run([sys.executable, "-c", probe, str(lock_file)])
-    free = subprocess.run([sys.executable, "-c", probe, str(lock_file)])
-    assert (held.returncode, free.returncode) == (3, 0)

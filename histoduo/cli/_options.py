@@ -8,6 +8,10 @@ from typing import Annotated
 
 import typer
 
+from histoduo.runtime.locks import LockParams
+
+LOCK_DEFAULTS = LockParams()
+
 SlideInputs = Annotated[
     list[str],
     typer.Argument(
@@ -80,6 +84,32 @@ Workers = Annotated[
     ),
 ]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+WaitLock = Annotated[
+    float,
+    typer.Option(
+        "--wait-lock",
+        min=0,
+        help="Seconds to wait when another run holds the output's writer lock (default: "
+        "fail at once, naming that run).",
+    ),
+]
+ClearDeadLocks = Annotated[
+    bool,
+    typer.Option(
+        "--clear-dead-locks",
+        help="Clear a writer lock left by a run that died on another host (a lock of an "
+        "ended process on this host is cleared without it; a live one never is).",
+    ),
+]
+
+
+def lock_params(wait_lock: float, clear_dead_locks: bool) -> LockParams:
+    try:
+        return LockParams(wait_s=wait_lock, clear_dead=clear_dead_locks)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 JsonOutput = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 OutFile = Annotated[Path, typer.Option("--out", "-o", help="Output file.")]

@@ -8,7 +8,13 @@ from typing import Annotated
 import typer
 
 from histoduo.cli._app import app, fail
-from histoduo.cli._options import Workers
+from histoduo.cli._options import (
+    LOCK_DEFAULTS,
+    ClearDeadLocks,
+    WaitLock,
+    Workers,
+    lock_params,
+)
 
 
 @app.command("import")
@@ -73,10 +79,13 @@ def import_command(
     ] = False,
     workers: Workers = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No warnings or notes.")] = False,
+    wait_lock: WaitLock = LOCK_DEFAULTS.wait_s,
+    clear_dead_locks: ClearDeadLocks = LOCK_DEFAULTS.clear_dead,
 ) -> None:
     """Import a folder of labelled patch images as a tile store for training."""
     from rich.console import Console
 
+    from histoduo.runtime.locks import LockedError
     from histoduo.runtime.pool import default_workers
     from histoduo.store import StoreError
     from histoduo.tiling.importer import ImageImportError, ImportParams, import_images
@@ -100,8 +109,9 @@ def import_command(
             overwrite=overwrite,
             workers=default_workers() if workers is None else workers,
             log=None if quiet else lambda message: console.print(message, highlight=False),
+            lock=lock_params(wait_lock, clear_dead_locks),
         )
-    except (ImageImportError, StoreError, ValueError) as exc:
+    except (ImageImportError, StoreError, LockedError, ValueError) as exc:
         raise fail(str(exc)) from None
     skipped = f", {len(report.skipped)} skipped" if report.skipped else ""
     console.print(

@@ -10,7 +10,9 @@ import typer
 from histoduo.cli._app import app, fail
 from histoduo.cli._model_options import EncoderWeights
 from histoduo.cli._options import (
+    LOCK_DEFAULTS,
     Backend,
+    ClearDeadLocks,
     Device,
     MinTissue,
     Overwrite,
@@ -20,6 +22,8 @@ from histoduo.cli._options import (
     SkipErrors,
     SlideMpp,
     TrustCheckpoint,
+    WaitLock,
+    lock_params,
 )
 from histoduo.grading import GradeParams, UncertaintyParams
 from histoduo.predict.params import PredictParams
@@ -169,18 +173,23 @@ def predict_command(
     slide_features: SlideFeatures = None,
     quiet: Quiet = False,
     qc: QCMode = DEFAULT_QC_MODE,
+    wait_lock: WaitLock = LOCK_DEFAULTS.wait_s,
+    clear_dead_locks: ClearDeadLocks = LOCK_DEFAULTS.clear_dead,
 ) -> None:
     """Predict tile classes and a slide-level ccRCC grade for every slide.
 
     Writes OUT/<slide>/ (tiles.csv, scores.npz, tiles.geojson, tissue.geojson, summary.json,
     maps) and OUT/slides.csv, OUT/report.html (open it in a browser) and OUT/manifest.json.
-    Finished slides are skipped on rerun unless --overwrite. Several GPUs: run one process per
-    GPU with CUDA_VISIBLE_DEVICES=i and --shard i+1/N into the same --out.
+    Finished slides are skipped on rerun unless --overwrite; an OUT holding another
+    checkpoint's results is refused (--overwrite redoes them, new before old). Several GPUs:
+    run one process per GPU with CUDA_VISIBLE_DEVICES=i and --shard i+1/N into the same --out.
     """
     from rich.console import Console
 
     from histoduo.grading import GradeParams, UncertaintyParams
     from histoduo.models.checkpoint import CheckpointError
+    from histoduo.results.layout import ResultsConflictError
+    from histoduo.runtime.locks import LockedError
     from histoduo.slide import SlideError
     from histoduo.slide.shards import shard_output
     from histoduo.slide.sources import collect_sources, parse_shard, select_shard
@@ -247,8 +256,9 @@ def predict_command(
             shard=shard_kn,
             log=log,
             trust_checkpoint=trust_checkpoint,
+            lock=lock_params(wait_lock, clear_dead_locks),
         )
-    except (CheckpointError, StoreError) as exc:
+    except (CheckpointError, StoreError, ResultsConflictError, LockedError) as exc:
         raise fail(str(exc)) from exc
     except SlideError as exc:
         raise fail(f"{exc} (see {out / 'manifest.json'}; --skip-errors goes on)") from exc

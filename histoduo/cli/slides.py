@@ -10,7 +10,9 @@ import typer
 
 from histoduo.cli._app import app, fail
 from histoduo.cli._options import (
+    LOCK_DEFAULTS,
     Backend,
+    ClearDeadLocks,
     JsonOutput,
     MinTissue,
     Overwrite,
@@ -22,7 +24,9 @@ from histoduo.cli._options import (
     SlideMpp,
     TargetMag,
     TargetMpp,
+    WaitLock,
     Workers,
+    lock_params,
 )
 from histoduo.qc.params import DEFAULT_QC_MODE, check_mode
 
@@ -186,9 +190,13 @@ def tile_command(
     skip_errors: SkipErrors = False,
     quiet: Quiet = False,
     qc: QCMode = DEFAULT_QC_MODE,
+    wait_lock: WaitLock = LOCK_DEFAULTS.wait_s,
+    clear_dead_locks: ClearDeadLocks = LOCK_DEFAULTS.clear_dead,
 ) -> None:
-    """Detect tissue and cut tiles into one HDF5 tile store (resumable)."""
+    """Detect tissue and cut tiles into one HDF5 tile store (resumable; one writer at a time:
+    the store's lock file OUT.lock names the run that holds it)."""
     from histoduo.cli._options import mpp_from_options
+    from histoduo.runtime.locks import LockedError
     from histoduo.slide import SlideError
     from histoduo.store import StoreError, StoreUpgradeNeeded
     from histoduo.tiling import TilingParams, summarise, tile_slides
@@ -231,8 +239,9 @@ def tile_command(
             progress=not quiet,
             log=console.print,
             qc_mode=qc,
+            lock=lock_params(wait_lock, clear_dead_locks),
         )
-    except StoreUpgradeNeeded as exc:
+    except (StoreUpgradeNeeded, LockedError) as exc:
         raise fail(str(exc)) from None
     except (SlideError, StoreError, ValueError) as exc:
         # tile_slides has logged how many finished slides were saved (when any were).
@@ -264,16 +273,26 @@ def merge_command(
         ),
     ] = False,
     overwrite: Overwrite = False,
+    wait_lock: WaitLock = LOCK_DEFAULTS.wait_s,
+    clear_dead_locks: ClearDeadLocks = LOCK_DEFAULTS.clear_dead,
 ) -> None:
     """Combine tile stores (e.g. from --shard jobs) into one.
 
     Slide files are hard-linked, not copied; --out may be one of the inputs, to add the
     other stores' slides to it in place."""
-    from histoduo.store import StoreError, merge_stores
+    from histoduo.runtime.errors import HistoduoError
+    from histoduo.store import merge_stores
 
     try:
-        names = merge_stores(stores, out, link=link, overwrite=overwrite)
-    except StoreError as exc:
+        names = merge_stores(
+            stores,
+            out,
+            link=link,
+            overwrite=overwrite,
+            lock=lock_params(wait_lock, clear_dead_locks),
+            log=_console(stderr=True).print,
+        )
+    except HistoduoError as exc:
         raise fail(str(exc)) from None
     _console(stderr=True).print(f"[green]{len(names)} slides[/] in {out}")
 
@@ -281,15 +300,21 @@ def merge_command(
 @app.command("upgrade-store")
 def upgrade_store_command(
     store: Annotated[Path, typer.Argument(help="A format-1 tile store (tiles.h5).")],
+    wait_lock: WaitLock = LOCK_DEFAULTS.wait_s,
+    clear_dead_locks: ClearDeadLocks = LOCK_DEFAULTS.clear_dead,
 ) -> None:
     """Rewrite a format-1 tile store as format 2 in place (per-slide files CLAM and TRIDENT
-    read, beside it in STORE.d/); a killed upgrade leaves the old store readable."""
-    from histoduo.store import StoreError, store_folder, store_version, upgrade_store
+    read, beside it in STORE.d/); a killed upgrade leaves the old store readable. A damaged
+    or lost index of a format-2 store is rebuilt from its slide files."""
+    from histoduo.runtime.errors import HistoduoError
+    from histoduo.store import store_folder, store_version, upgrade_store
 
     try:
         before = store_version(store)
-        names = upgrade_store(store)
-    except StoreError as exc:
+        names = upgrade_store(
+            store, lock=lock_params(wait_lock, clear_dead_locks), log=_console(stderr=True).print
+        )
+    except HistoduoError as exc:
         raise fail(str(exc)) from None
     state = "already format 2" if before == 2 else "upgraded to format 2"
     _console(stderr=True).print(

@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -92,35 +91,13 @@ class EmbedResult:
 @contextlib.contextmanager
 def output_lock(folder: Path) -> Iterator[None]:
     """The one place the output folder is locked: two embeds never write the same files.
-
-    A lock file holds the writer's pid; a lock whose process is gone (a killed run) is
-    taken over. (Issue 18's writer-lock helper replaces this body when it lands.)
-    """
-    from histoduo.runtime.files import _alive
+    The shared writer lock (runtime/locks.py): it names the holder, and a lock whose
+    process is gone on this host (a killed run) is cleared."""
+    from histoduo.runtime.locks import writer_lock
 
     folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / LOCK_NAME
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or "0")
-            except (OSError, ValueError):
-                pid = 0
-            if pid and _alive(pid) and pid != os.getpid():
-                raise EmbedError(folder, f"another embed (pid {pid}) is writing here") from None
-            lock.unlink(missing_ok=True)  # stale: its writer is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        break
-    else:
-        raise EmbedError(folder, f"cannot take the lock {lock}")
-    try:
+    with writer_lock(folder / LOCK_NAME, what=f"feature folder {folder}"):
         yield
-    finally:
-        lock.unlink(missing_ok=True)
 
 
 def _mpp_warning(spec: EncoderSpec, store_mpp: float) -> str | None:

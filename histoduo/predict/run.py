@@ -14,11 +14,22 @@ import platform
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from histoduo.predict.engine import TilePredictor
+from histoduo.predict.folder import (
+    CheckpointIdentity,
+    check_same_model,
+    conflict_error,
+    folder_slides,
+    install_results,
+    record_failure,
+    results_lock,
+    staging_folder,
+)
 from histoduo.predict.outputs import (
     PredictReport,
     SlideOutcome,
@@ -36,7 +47,8 @@ from histoduo.predict.scoring import (
 )
 from histoduo.results.layout import ERROR_FILE, SlideSummary, is_done, manifest_name
 from histoduo.results.tables import write_slides_csv
-from histoduo.runtime.files import atomic_write_text, folder_lock, remove_stale_temporaries
+from histoduo.runtime.files import atomic_write_text, remove_stale_temporaries
+from histoduo.runtime.locks import LockParams
 from histoduo.runtime.pool import default_workers
 from histoduo.runtime.prefetch import Prefetcher
 from histoduo.runtime.slides import failure_text, run_slides
@@ -69,6 +81,7 @@ class _PredictRun:
     workers: int
     overwrite: bool
     say: Callable[[str], None]
+    model: CheckpointIdentity = field(default_factory=lambda: CheckpointIdentity.of(None))
     store: TileStore | None = None
     outcomes: list[SlideOutcome] = field(default_factory=list)
     plans: Prefetcher | None = None  # the next slide, planned while this one runs
@@ -80,8 +93,7 @@ class _PredictRun:
             self.outcomes.append(skipped_outcome(slide_dir, job.name, job.path))
             self.say(f"{job.name}: already done, skipped")
             return True
-        if slide_dir.exists():
-            shutil.rmtree(slide_dir)  # interrupted or --overwrite: start clean
+        # Interrupted or --overwrite: redone in a staging folder, installed when complete.
         return False
 
     def process(self, job: _Job) -> None:
@@ -116,14 +128,20 @@ class _PredictRun:
             tile_size_px=scores.tile_size_px,
             tile_size_level0=scores.tile_size_level0,
             stride_level0=scores.stride_level0,
-            checkpoint=str(self.checkpoint),
+            checkpoint=self.model.path or str(self.checkpoint),
+            checkpoint_sha256=self.model.sha256,
             grade_params=self.params.grade.to_dict(),
             seconds_predict=t_model,
             qc=qc_summary(scores, artefacts, self.params.qc_mode),
         )
-        if self.slide_model is not None:
-            summary.mil = self._call_slide_model(job, scores, grade.call)
-        write_slide_outputs(self.out / job.name, scores, grade, summary, self.params.heatmap)
+        staging = staging_folder(self.out / job.name)
+        try:
+            if self.slide_model is not None:
+                summary.mil = self._call_slide_model(job, scores, grade.call, staging)
+            write_slide_outputs(staging, scores, grade, summary, self.params.heatmap)
+            install_results(staging, self.out / job.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         seconds = time.perf_counter() - t0
         n = len(scores.probs)
         self.outcomes.append(
@@ -143,7 +161,9 @@ class _PredictRun:
         call = f"{grade.call} ({grade.confidence:.2f})"
         self.say(f"{job.name}: {n} tiles, {call}, {seconds:.1f} s{flag}")
 
-    def _call_slide_model(self, job: _Job, scores: Any, rule_call: str) -> dict[str, Any]:
+    def _call_slide_model(
+        self, job: _Job, scores: Any, rule_call: str, slide_dir: Path
+    ) -> dict[str, Any]:
         """The slide model's call from the slide's feature file, its attention map and
         mil.json in the slide folder (before ``done``); the fields for summary.json."""
         from histoduo.predict.slide_model import SlideModelError, write_slide_model_outputs
@@ -165,7 +185,6 @@ class _PredictRun:
         except SlideModelError as exc:  # per slide: --skip-errors goes on with the rest
             raise SlideError(exc.path, exc.reason) from exc
         tile_px = float(bag.info.extra.get("tile_size_px", bag.info.input_size_px))
-        slide_dir = self.out / job.name
         slide_dir.mkdir(parents=True, exist_ok=True)
         fields = write_slide_model_outputs(
             slide_dir,
@@ -190,11 +209,13 @@ class _PredictRun:
     def failed(self, job: _Job, exc: Exception, status: str, seconds: float) -> None:
         text = failure_text(exc)
         self.outcomes.append(SlideOutcome(job.name, job.path, status, seconds=seconds, error=text))
+        self.say(f"[red]{text}[/]")
         slide_dir = self.out / job.name
+        if not record_failure(slide_dir):
+            return  # the previous finished result stays, and stays listed
         slide_dir.mkdir(parents=True, exist_ok=True)
         error = {"slide": job.name, "path": job.path, "status": status, "error": text}
         atomic_write_text(slide_dir / ERROR_FILE, json.dumps(error))
-        self.say(f"[red]{text}[/]")
 
 
 def predict_run(
@@ -210,13 +231,17 @@ def predict_run(
     log: Callable[[str], None] | None = None,
     model_and_meta: tuple[Any, CheckpointMeta] | None = None,
     trust_checkpoint: bool = False,
+    lock: LockParams | None = None,
 ) -> PredictReport:
     """Predict every slide (or every slide of ``tiles_store``) into ``out_dir``.
 
     Finished slides (``done`` marker) are skipped unless ``overwrite``; a slide folder without
     the marker is an interrupted slide and is redone from scratch. Without ``skip_errors`` the
     first failing slide stops the run (after the manifest and slides.csv are written) by
-    raising its SlideError. Raises CheckpointError for files that are not histoduo checkpoints.
+    raising its SlideError. Raises CheckpointError for files that are not histoduo checkpoints,
+    and ResultsConflictError when ``out_dir`` holds finished slides another checkpoint made
+    (``overwrite`` redoes them). The run holds ``OUT/.histoduo.lock`` throughout; a shard
+    (whose slides no other shard touches) holds it only while it rewrites the run's files.
     """
     from histoduo.models.heads import load_tile_model
 
@@ -245,29 +270,56 @@ def predict_run(
         overwrite=overwrite,
         say=say,
     )
+    run.model = CheckpointIdentity.of(None if model_and_meta else checkpoint)
     if params.slide_model is not None:
         from histoduo.predict.slide_model import SlideModel
 
         run.slide_model = SlideModel(params.slide_model)
-    try:
-        jobs = _jobs(run, sources, tiles_store, shard)
-        out.mkdir(parents=True, exist_ok=True)  # once model, options and inputs check out
-        remove_stale_temporaries(out)  # a killed run's slides.csv or manifest
-        run.plans = _prefetch_plans(run, jobs)
-        first_error = run_slides(
-            jobs,
-            process=run.process,
-            failed=run.failed,
-            resumed=run.resumed,
-            skip_errors=skip_errors,
-            errors=(SlideError,),
-        )
-    finally:
-        if run.plans is not None:
-            run.plans.close()
-        if run.store is not None:
-            run.store.close()
+    with ExitStack() as held:
+        try:
+            jobs = _jobs(run, sources, tiles_store, shard)
+            other = check_same_model(out, [j.name for j in jobs], run.model)
+            if other and not overwrite:
+                raise conflict_error(out, other, run.model)
+            out.mkdir(parents=True, exist_ok=True)  # once model, options and inputs check out
+            if shard is None:
+                held.enter_context(results_lock(out, lock, say))
+            remove_stale_temporaries(out)  # a killed run's slides.csv, manifest, staging
+            run.plans = _prefetch_plans(run, jobs)
+            first_error = run_slides(
+                jobs,
+                process=run.process,
+                failed=run.failed,
+                resumed=run.resumed,
+                skip_errors=skip_errors,
+                errors=(SlideError,),
+            )
+        finally:
+            if run.plans is not None:
+                run.plans.close()
+            if run.store is not None:
+                run.store.close()
+        if shard is not None:  # a short wait is fine: the other shard only writes summaries
+            wait = LockParams(wait_s=max(60.0, (lock or LockParams()).wait_s))
+            held.enter_context(results_lock(out, wait, say))
+        report = _finish(run, checkpoint, tiles_store, skip_errors, shard, started)
+    if first_error is not None:
+        raise first_error
+    return report
 
+
+def _finish(
+    run: _PredictRun,
+    checkpoint: str | Path,
+    tiles_store: str | Path | None,
+    skip_errors: bool,
+    shard: tuple[int, int] | None,
+    started: float,
+) -> PredictReport:
+    """slides.csv, the manifest and the report, rebuilt from the slide folders (locked)."""
+    out, meta, params, overwrite = run.out, run.meta, run.params, run.overwrite
+    predictor, workers = run.predictor, run.workers
+    csv_path = write_slides_csv(out)
     manifest = _manifest(
         checkpoint=checkpoint,
         meta=meta,
@@ -281,18 +333,14 @@ def predict_run(
     manifest["tiles_store"] = str(tiles_store) if tiles_store else None
     manifest["overwrite"], manifest["skip_errors"] = overwrite, skip_errors
     name = manifest_name(shard)
+    manifest["checkpoint"]["sha256"] = run.model.sha256
+    manifest["this_run"] = manifest["slides"]
+    manifest["slides"] = folder_slides(out, manifest["this_run"])  # what is actually there
+    atomic_write_text(out / name, json.dumps(manifest, indent=2, default=str))
     from histoduo.results.report import write_report
 
-    # Shards share OUT: rebuild the run-level files one process at a time, so the last shard
-    # to finish writes tables that include every other shard's slides.
-    with folder_lock(out):
-        csv_path = write_slides_csv(out)
-        atomic_write_text(out / name, json.dumps(manifest, indent=2, default=str))
-        write_report(out)  # after the manifest: the report names the model from it
-    report = PredictReport(str(out), run.outcomes, str(out / name), str(csv_path))
-    if first_error is not None:
-        raise first_error
-    return report
+    write_report(out)  # after the manifest: the report names the model from it
+    return PredictReport(str(out), run.outcomes, str(out / name), str(csv_path))
 
 
 def _jobs(

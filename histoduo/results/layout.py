@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from histoduo.runtime.errors import HistoduoError
 from histoduo.runtime.files import atomic_write_text
 
 # The run folder.
@@ -87,7 +88,8 @@ class SlideSummary:
     tile_size_px: int | None = None
     tile_size_level0: int | None = None
     stride_level0: int | None = None
-    checkpoint: str = ""
+    checkpoint: str = ""  # the checkpoint's absolute path when predicted
+    checkpoint_sha256: str = ""  # its content hash: results are credited to this model
     grade_params: dict[str, Any] = field(default_factory=dict)
     seconds_predict: float | None = None
     grade: dict[str, Any] = field(default_factory=dict)  # grading.SlideGrade.to_dict()
@@ -120,3 +122,17 @@ class SlideSummary:
 
 def is_done(slide_dir: Path) -> bool:
     return (Path(slide_dir) / DONE_MARKER).exists()
+
+
+def is_result_file(name: str) -> bool:
+    """Whether a file name in a slide folder is one ``predict`` writes (so may replace or
+    remove); anything else there is the user's and is never touched."""
+    fixed = {TILES_CSV, SCORES_FILE, TILES_GEOJSON, TISSUE_GEOJSON, SUMMARY_FILE, DONE_MARKER}
+    fixed |= {ERROR_FILE, MIL_FILE, *(png for png, _ in MAP_FILES)}
+    return name in fixed or (name.startswith("prob_") and name.endswith(".png"))
+
+
+class ResultsConflictError(HistoduoError):
+    """A results folder holds results of another model than the one predicting into it."""
+
+    status = "conflict"

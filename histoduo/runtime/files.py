@@ -42,8 +42,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(folder: str | Path) -> int:
-    """Delete the temporary files that killed writers on this host left in ``folder``.
+def remove_stale_temporaries(folder: str | Path, of: str | None = None) -> int:
+    """Delete the temporary files that killed writers on this host left in ``folder``
+    (only those of the file named ``of``, when given).
 
     Files of live processes, and of other hosts (a shard on a shared file system), stay.
     Returns how many were removed.
@@ -53,9 +54,14 @@ def remove_stale_temporaries(folder: str | Path) -> int:
         return 0
     host, removed = socket.gethostname(), 0
     for path in folder.iterdir():
+        if of is not None and not path.name.startswith(f".{of}."):
+            continue
         match = _TEMPORARY.match(path.name)
         if match and match["host"] == host and not _alive(int(match["pid"])):
-            path.unlink(missing_ok=True)
+            if path.is_dir() and not path.is_symlink():  # a killed run's staging folder
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
             removed += 1
     return removed
 
@@ -81,6 +87,17 @@ def require_free_space(path: str | Path, needed_bytes: int) -> None:
             f"{free:,} free)",
             str(path),
         )
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's content, read in blocks (hex)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fsync_path(path: str | Path) -> None:
@@ -147,24 +164,3 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     with atomic_write(path, "wb") as handle:
         handle.write(data)
     return Path(path)
-
-
-@contextmanager
-def folder_lock(folder: str | Path, name: str = ".histoduo.lock") -> Iterator[Path]:
-    """Hold an exclusive lock on ``folder`` (a hidden lock file in it) for the block.
-
-    For the files several processes rebuild in one folder (shards of an array job writing one
-    results folder): whoever takes the lock last rebuilds from everything finished before it,
-    so the last shard to finish leaves complete tables. ``flock`` is released by the kernel
-    when a holder dies, so a killed job never leaves the folder locked; on NFS it becomes a
-    POSIX lock, which Linux clients share across hosts.
-    """
-    import fcntl
-
-    path = Path(folder) / name
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield path
-    finally:
-        os.close(fd)  # closing drops the lock

@@ -7,11 +7,13 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 
 from histoduo.runtime.files import atomic_path
+from histoduo.runtime.locks import LockParams, WriterLock, lock_path_for
 from histoduo.store.record import (
     SLIDE_FILE_FORMAT,
     SLIDES_GROUP,
@@ -40,6 +42,21 @@ def trident_dir(index_path: str | Path) -> Path:
     return store_folder(index_path) / "trident"
 
 
+def store_lock(
+    index_path: str | Path, lock: LockParams | None = None, log: Any = None
+) -> WriterLock:
+    """The writer lock of a store (``tiles.h5.lock`` beside the index); every command that
+    changes the store holds it, readers never look at it."""
+    lock = lock or LockParams()
+    return WriterLock(
+        lock_path_for(index_path),
+        what=f"tile store {index_path}",
+        wait_s=lock.wait_s,
+        clear_dead=lock.clear_dead,
+        log=log,
+    )
+
+
 def slide_file_path(index_path: str | Path, name: str) -> Path:
     return clam_dir(index_path) / "patches" / f"{group_key(name)}.h5"
 
@@ -56,10 +73,61 @@ class IndexEntry:
     file: Path  # absolute, resolved from the index's own folder
     h5_path: str = "/"  # "/" for a slide file; "/slides/<key>" for a group of a format-1 file
     record: SlideRecord | None = None  # a copy of the file's record, so resume opens no file
+    file_size: int | None = None  # bytes of the complete file (None: an older index)
 
     @classmethod
     def of(cls, record: SlideRecord, file: Path) -> IndexEntry:
-        return cls(record.name, Path(file).resolve(), "/", record)
+        """The entry of a slide file just written or verified (its size is recorded now)."""
+        file = Path(file).resolve()
+        return cls(record.name, file, "/", record, file.stat().st_size)
+
+    def problem(self, *, open_file: bool = True) -> str | None:
+        """Why the file is not the one this entry recorded (None: it is).
+
+        Checks, cheapest first: the file exists; its size is the recorded one (a truncated
+        or half-copied file, or another slide's); with ``open_file``, its ``file_id`` (a
+        random id written into the file when it was made) and its slide name are the
+        recorded ones (a file swapped for another one of the same size). Entries of older
+        indexes without an identity are checked by name and completion marker only.
+        """
+        if not self.file.exists():
+            return "is missing"
+        if self.h5_path != "/":
+            return None  # a format-1 group: no identity
+        size = self.file.stat().st_size
+        if self.file_size is not None and size != self.file_size:
+            return (
+                f"is {size:,} bytes but the index recorded {self.file_size:,} for slide "
+                f"{self.name!r} (truncated, half-copied or replaced)"
+            )
+        if not open_file:
+            return None
+        try:
+            with h5py.File(self.file, "r") as f:
+                attrs = {k: f.attrs.get(k) for k in ("name", "file_id", "complete")}
+        except OSError as exc:
+            return f"cannot be opened as HDF5 ({exc})"
+        return identity_problem(self, attrs)
+
+
+def identity_problem(entry: IndexEntry, attrs: dict) -> str | None:  # type: ignore[type-arg]
+    """Why a slide file's root attributes are not those of ``entry`` (None: they are)."""
+
+    def text(value: object) -> str:
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    if not bool(attrs.get("complete", False)):
+        return f"is not a complete slide file (slide {entry.name!r})"
+    if attrs.get("name") is not None and text(attrs["name"]) != entry.name:
+        return f"holds slide {text(attrs['name'])!r}, not {entry.name!r} as the index says"
+    expected = entry.record.file_id if entry.record is not None else ""
+    found = text(attrs.get("file_id") or "")
+    if expected and found != expected:
+        return (
+            f"is not the file the index recorded for slide {entry.name!r} (file id "
+            f"{found or 'none'}, expected {expected}): replaced by another file"
+        )
+    return None
 
 
 def read_index(index_path: str | Path) -> tuple[dict[str, IndexEntry], list[str]]:
@@ -73,11 +141,15 @@ def read_index(index_path: str | Path) -> tuple[dict[str, IndexEntry], list[str]
         check_header(f, index_path)
         names: dict[str, str] = {}
         records: dict[str, SlideRecord] = {}
+        sizes: dict[str, int] = {}
         if "slide_names" in f:  # a dataset: an attribute would cap the store at ~1,500 slides
             for key, name, record in f["slide_names"].asstr()[()]:
                 names[str(key)] = str(name)
                 if record:
-                    records[str(key)] = SlideRecord.from_attrs(json.loads(record))
+                    row = json.loads(record)
+                    records[str(key)] = SlideRecord.from_attrs(row)
+                    if row.get("file_size") is not None:
+                        sizes[str(key)] = int(row["file_size"])
         raw = f.attrs.get("class_names")
         class_names = json.loads(raw) if raw else []
         entries: dict[str, IndexEntry] = {}
@@ -92,7 +164,7 @@ def read_index(index_path: str | Path) -> tuple[dict[str, IndexEntry], list[str]
                 target = index_path.parent / target
             name = str(names.get(key, key))
             file = Path(os.path.normpath(target))
-            entries[name] = IndexEntry(name, file, link.path, records.get(key))
+            entries[name] = IndexEntry(name, file, link.path, records.get(key), sizes.get(key))
     return entries, class_names
 
 
@@ -113,7 +185,10 @@ def write_index(
                 key = group_key(entry.name)
                 if key in rows:
                     raise StoreError(index_path, f"slide {entry.name!r} listed twice")
-                record = "" if entry.record is None else _json_attr(entry.record.to_attrs())
+                row = {} if entry.record is None else entry.record.to_attrs()
+                if row and entry.file_size is not None:
+                    row["file_size"] = entry.file_size  # the slide file's identity: size
+                record = _json_attr(row) if row else ""
                 rows[key] = (key, entry.name, record)
                 rel = os.path.relpath(Path(entry.file).resolve(), folder)
                 group[key] = h5py.ExternalLink(rel, entry.h5_path)
@@ -133,6 +208,37 @@ def read_slide_record(path: str | Path) -> SlideRecord | None:
             return SlideRecord.from_attrs(dict(f.attrs), dict(f["coords"].attrs))
     except (OSError, KeyError, TypeError, ValueError):
         return None
+
+
+def rebuild_index(index_path: str | Path, log: Any = None) -> list[IndexEntry]:
+    """Rewrite a damaged or lost index from the slide files in the store's folder.
+
+    Every complete slide file describes itself fully (its :class:`SlideRecord`, the class
+    names included since identities exist), so nothing but the index is rewritten; files that
+    are incomplete or unreadable are left where they are and not listed. Returns the entries.
+    """
+    index_path = Path(index_path)
+    found = orphan_slides(index_path, [])
+    entries = [
+        IndexEntry.of(record, slide_file_path(index_path, name)) for name, record in found.items()
+    ]
+    vocabularies = {tuple(r.class_names) for r in found.values() if r.class_names}
+    if len(vocabularies) > 1:
+        raise StoreError(index_path, "its slide files disagree on the class names; cannot rebuild")
+    class_names = list(vocabularies.pop()) if vocabularies else None
+    write_index(index_path, entries, class_names)
+    if log is not None:
+        log(
+            f"rebuilt the index {index_path} from {len(entries)} slide file(s) in "
+            f"{store_folder(index_path)}/"
+        )
+    return entries
+
+
+def has_slide_files(index_path: str | Path) -> bool:
+    """Whether the store's folder holds any slide file (a damaged index can be rebuilt)."""
+    folder = clam_dir(index_path) / "patches"
+    return folder.is_dir() and any(folder.glob("*.h5"))
 
 
 def _store_files(index_path: Path) -> Iterator[tuple[Path, str]]:

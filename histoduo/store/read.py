@@ -13,7 +13,13 @@ import numpy as np
 
 from histoduo.runtime.codec import decode_jpeg
 from histoduo.runtime.decode import EncodedBatch, encoded_pixels
-from histoduo.store.layout import IndexEntry, read_index, read_slide_record, store_folder
+from histoduo.store.layout import (
+    IndexEntry,
+    identity_problem,
+    read_index,
+    read_slide_record,
+    store_folder,
+)
 from histoduo.store.record import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -42,11 +48,19 @@ def _v1_complete(path: Path) -> dict[str, SlideRecord]:
         return records
 
 
-def complete_slides(path: Path) -> dict[str, SlideRecord]:
+def complete_slides(
+    path: Path,
+    problems: dict[str, str] | None = None,
+    open_only: set[str] | None = None,
+) -> dict[str, SlideRecord]:
     """Names and records of the complete slides of a store (either format) or slide file.
 
     Used for resume: an unreadable or truncated file counts as holding nothing, and so does
-    a listed slide whose file is missing or incomplete.
+    a listed slide whose file is missing, incomplete, or not the file the index recorded
+    (another size or file id: swapped, truncated, half-copied). Why a listed slide was left
+    out goes into ``problems`` (slide name -> reason), so the caller can say so. With
+    ``open_only``, only those slides' files are opened to check their id (the others get the
+    size check, a ``stat``): a run that adds slides to a big store opens only its own.
     """
     path = Path(path)
     try:
@@ -68,14 +82,18 @@ def complete_slides(path: Path) -> dict[str, SlideRecord]:
         return {}
     records = {}
     for name, entry in entries.items():
-        # Files at their final names are complete by construction: the index's copy of the
-        # record is enough, and resuming a store of N slides opens none of them.
-        if entry.record is not None and entry.file.exists():
-            record: SlideRecord | None = entry.record
-        elif entry.h5_path == "/":
-            record = read_slide_record(entry.file)
-        else:
+        if entry.h5_path != "/":
             record = _v1_complete(entry.file).get(name)
+        elif (
+            problem := entry.problem(open_file=open_only is None or name in open_only)
+        ) is not None:
+            record = None
+            if problems is not None:
+                problems[name] = f"{entry.file} {problem}"
+        elif entry.record is not None and entry.record.file_id:
+            record = entry.record  # identity checked: the index's copy is the file's record
+        else:
+            record = read_slide_record(entry.file)  # an older index: the file's own record
         if record is not None:
             records[name] = record
     return records
@@ -107,6 +125,12 @@ def require_pixels(store: TileStore) -> None:
             f"{len(empty)} slide(s) ({shown}) hold tile coordinates but no pixels (a "
             "`histoduo tile --dry-run` store); tile them again without --dry-run",
         )
+
+
+_REDO_HINT = (
+    "rerun the `histoduo tile` command that made this store to redo that slide (the other "
+    "slides are kept)"
+)
 
 
 class TileStore:
@@ -147,8 +171,13 @@ class TileStore:
                     f"({len(missing)} missing); move or copy {self.path.name} together with "
                     f"its folder {store_folder(self.path).name}/",
                 )
+            for entry in entries.values():
+                problem = entry.problem(open_file=False)  # a stat per slide: sizes
+                if problem is not None:
+                    raise StoreError(entry.file, f"{problem}; {_REDO_HINT}")
         self._entries = entries
         self._slides = sorted(entries)
+        self._verified: set[str] = set()
 
     # --- handle management -------------------------------------------------------------------
     def _open(self, file: Path) -> h5py.File:
@@ -205,8 +234,11 @@ class TileStore:
         entry = self._entry(slide)
         handle = self._open(entry.file)
         group = handle[entry.h5_path]
-        if entry.h5_path == "/" and not bool(group.attrs.get("complete", False)):
-            raise StoreError(entry.file, f"slide file of {slide!r} is not complete")
+        if entry.h5_path == "/" and slide not in self._verified:
+            problem = identity_problem(entry, dict(group.attrs))
+            if problem is not None:
+                raise StoreError(entry.file, f"{problem}; {_REDO_HINT}")
+            self._verified.add(slide)
         return group
 
     def num_tiles(self, slide: str) -> int:

@@ -90,6 +90,12 @@ class SlideRecord:
     # those must be 10 / the mpp actually used (override included) to land on our read.
     scanner_magnification: float | None = None
     read_size_px: int | None = None  # side of the square read at read_level; None: derived
+    # The slide file's identity: a random id written into the file when it is created and
+    # copied into the index, so a file swapped for another one is told apart ("" in files
+    # written before it existed).
+    file_id: str = ""
+    class_names: list[str] | None = None  # the store's label vocabulary, so a lost index
+    # can be rebuilt from the slide files alone
 
     @property
     def read_side_px(self) -> int:
@@ -143,6 +149,10 @@ class SlideRecord:
         attrs["scanner_magnification"] = (
             float("nan") if self.scanner_magnification is None else self.scanner_magnification
         )
+        if self.file_id:
+            attrs["file_id"] = self.file_id
+        if self.class_names is not None:
+            attrs["class_names"] = _json_attr(list(self.class_names))
         return attrs
 
     @property
@@ -226,6 +236,7 @@ class SlideRecord:
         magnification = a.get("scanner_magnification", a.get("level0_magnification"))
         if magnification is not None and not np.isfinite(magnification):
             magnification = None
+        names = a.get("class_names")
         return cls(
             name=str(a["name"]),
             source_path=str(a.get("source_path", "")),
@@ -256,6 +267,8 @@ class SlideRecord:
             read_level_height=int(level_dim[1]) if level_dim is not None else None,
             scanner_magnification=float(magnification) if magnification is not None else None,
             read_size_px=int(a["read_size_px"]) if "read_size_px" in a else None,
+            file_id=str(a.get("file_id", "")),
+            class_names=json.loads(names) if isinstance(names, str) else names,
         )
 
 
@@ -312,5 +325,5 @@ def upgrade_hint(path: str | Path) -> str:
     """Why a format-1 store cannot be added to, and the command that fixes it."""
     return (
         f"it is a format-1 tile store; run `histoduo upgrade-store {path}` once to rewrite it "
-        f"as format 2 (per-slide files CLAM and TRIDENT read), or pass --overwrite"
+        f"as format 2 (per-slide files CLAM and TRIDENT read; every slide is kept)"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -18,13 +19,17 @@ from histoduo.runtime.files import (
     require_free_space,
     temporary_path,
 )
+from histoduo.runtime.locks import LockParams
 from histoduo.store.layout import (
     IndexEntry,
+    has_slide_files,
     read_index,
     read_slide_record,
+    rebuild_index,
     remove_unlisted,
     slide_file_path,
     store_folder,
+    store_lock,
     trident_file_path,
     write_index,
 )
@@ -114,6 +119,9 @@ class SlidePartWriter:
         write_store_header(root, kind=SLIDE_FILE_FORMAT)
         for key, value in data.attrs.items():
             root.attrs[key] = value
+        # A fresh identity per file, copied into the index: a swapped file is told apart.
+        self.file_id = uuid.uuid4().hex
+        root.attrs["file_id"] = self.file_id
         root.attrs["name"] = data.name
         root.attrs["source_path"] = data.source_path
         root.attrs["n_tiles"] = self._n
@@ -287,6 +295,7 @@ def convert_v1_slide(v1_path: Path, name: str, dest: Path) -> Path:
             if "imgs" in dst:
                 for attr, value in record.legacy_imgs_attrs().items():
                     dst["imgs"].attrs[attr] = value
+            dst.attrs["file_id"] = uuid.uuid4().hex
             dst.attrs["complete"] = True
     return dest
 
@@ -336,7 +345,13 @@ def _store_entries(path: Path) -> tuple[dict[str, IndexEntry], list[str], int]:
 
 
 def merge_stores(
-    inputs: Sequence[Path], out_path: Path, *, link: bool = False, overwrite: bool = False
+    inputs: Sequence[Path],
+    out_path: Path,
+    *,
+    link: bool = False,
+    overwrite: bool = False,
+    lock: LockParams | None = None,
+    log: Any = None,
 ) -> list[str]:
     """Combine complete slides of several stores into one; returns the slide names.
 
@@ -345,12 +360,22 @@ def merge_stores(
     the other inputs' slides are then added to it in place. ``link=True`` lists the input
     files in the index instead (the inputs must then stay where they are relative to it).
     Format-1 inputs are converted slide by slide. Names must be unique; vocabularies agree.
+    The output's writer lock is held throughout (inputs are only read: no lock).
     """
+    with store_lock(out_path, lock, log):
+        return _merge(inputs, Path(out_path), link, overwrite)
+
+
+def _merge(inputs: Sequence[Path], out_path: Path, link: bool, overwrite: bool) -> list[str]:
     out_path = Path(out_path)
     inputs = [Path(p) for p in inputs]
     into = [p for p in inputs if p.exists() and out_path.exists() and os.path.samefile(p, out_path)]
     if out_path.exists() and not overwrite and not into:
-        raise StoreError(out_path, "output exists; pass --overwrite to replace it")
+        raise StoreError(
+            out_path,
+            "output exists; to add to it, name it among the inputs too "
+            f"(histoduo merge {out_path} ... -o {out_path}), or choose a new --out",
+        )
     if into and store_version(out_path) == 1:
         raise StoreUpgradeNeeded(out_path, upgrade_hint(out_path))
     entries: dict[str, IndexEntry] = {}
@@ -401,14 +426,23 @@ def _inside(index_path: Path, file: Path) -> bool:
     return True
 
 
-def upgrade_store(path: str | Path) -> list[str]:
+def upgrade_store(
+    path: str | Path, *, lock: LockParams | None = None, log: Any = None
+) -> list[str]:
     """Rewrite a format-1 store as format 2 at the same path; returns the slide names.
 
     Slide files are written first, the index replaces the old file last (atomically), so a
-    killed upgrade leaves the format-1 store readable and can simply be run again.
+    killed upgrade leaves the format-1 store readable and can simply be run again. A format-2
+    store whose index is damaged or lost gets its index rebuilt from its slide files.
     """
-    path = Path(path)
+    with store_lock(Path(path), lock, log):
+        return _upgrade(Path(path), log)
+
+
+def _upgrade(path: Path, log: Any) -> list[str]:
     version = store_version(path)
+    if version is None and has_slide_files(path):
+        return sorted(e.name for e in rebuild_index(path, log))
     if version is None:
         raise not_a_store_error(path)
     if version >= 2:

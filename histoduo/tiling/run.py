@@ -25,7 +25,8 @@ import numpy as np
 
 from histoduo import __version__
 from histoduo.qc import DEFAULT_QC_MODE, ArtefactMasks, QCParams, check_mode, detect_artefacts
-from histoduo.runtime.errors import OutputError, output_error
+from histoduo.runtime.errors import HistoduoError, OutputError, output_error
+from histoduo.runtime.locks import LockParams
 from histoduo.runtime.pool import LazyPool, default_workers
 from histoduo.runtime.progress import SlideProgress
 from histoduo.runtime.slides import failure_text, per_slide_errors, status_of
@@ -36,22 +37,12 @@ from histoduo.store import (
     SlideGroupData,
     SlidePartWriter,
     SlideRecord,
-    StoreError,
-    StoreUpgradeNeeded,
-    complete_slides,
-    is_store,
-    orphan_slides,
-    read_index,
-    remove_temporary,
-    remove_unlisted,
     slide_file_path,
     store_class_names,
-    store_version,
+    store_lock,
     trident_file_path,
-    upgrade_hint,
     write_index,
     write_trident_coords,
-    write_trident_file,
 )
 from histoduo.tiling import read as tileio
 from histoduo.tiling.chunks import BlurCollector, store_slide_qc, tile_blocks
@@ -59,6 +50,7 @@ from histoduo.tiling.geometry import TileGeometry, open_overview, plan_tiles, re
 from histoduo.tiling.labels import Labeller
 from histoduo.tiling.params import TilingParams
 from histoduo.tiling.report import SlideResult, TilingReport
+from histoduo.tiling.resume import check_out_path, existing_slides, skipped
 from histoduo.tissue import detect_tissue, require_tissue
 
 # Options of `tile` that change what counts as tissue (--min-tissue only filters tiles).
@@ -104,7 +96,7 @@ class _TileRun:
         record = self.existing.get(source.name)
         if self.overwrite or record is None or record.fingerprint != self.fingerprint(source):
             return False
-        self.results.append(_skipped(source, record))
+        self.results.append(skipped(source, record))
         return True
 
     def failed(self, source: SlideSource, exc: Exception, status: str, seconds: float) -> None:
@@ -144,6 +136,7 @@ def tile_slides(
     log: Any = None,
     qc: QCParams | None = None,
     qc_mode: str = DEFAULT_QC_MODE,
+    lock: LockParams | None = None,
 ) -> TilingReport:
     """Tile every slide into the store at ``out_path``; returns (and writes) the run report.
 
@@ -151,16 +144,59 @@ def tile_slides(
     ``overwrite``); slides whose previous run was interrupted are redone. Without
     ``skip_errors`` the first failing slide stops the run after the slides finished so far
     have been saved, and a SlideError is raised. Only the slides tiled and the index are
-    written: the other slides' files are not touched.
-
     ``qc_mode``/``qc``: artefact QC per tile, stored with the mode (tiling/chunks.py).
+    The other slides' files are not touched, with ``overwrite`` too (it redoes the
+    slides given, each new file replacing the old one by a rename once complete). The run
+    holds the store's writer lock (``<out>.lock``) throughout; ``lock`` says whether to
+    wait for another writer's and whether to clear one left by a dead run.
     """
     out_path = Path(out_path)
     check_mode(qc_mode)
+    check_out_path(out_path, sources)
+    with store_lock(out_path, lock, log):
+        report, first_error = _tile_locked(
+            sources=sources,
+            out_path=out_path,
+            params=params,
+            backend=backend,
+            workers=workers,
+            overwrite=overwrite,
+            skip_errors=skip_errors,
+            annotations_dir=annotations_dir,
+            labelled_only=labelled_only,
+            class_names=class_names,
+            progress=progress,
+            log=log,
+            qc=qc,
+            qc_mode=qc_mode,
+        )
+    if first_error is not None:
+        raise first_error
+    return report
+
+
+def _tile_locked(  # noqa: PLR0913 - tile_slides' arguments, passed on under the lock
+    *,
+    sources: Sequence[SlideSource],
+    out_path: Path,
+    params: TilingParams,
+    backend: str,
+    workers: int | None,
+    overwrite: bool,
+    skip_errors: bool,
+    annotations_dir: str | Path | None,
+    labelled_only: bool,
+    class_names: Sequence[str] | None,
+    progress: bool,
+    log: Any,
+    qc: QCParams | None,
+    qc_mode: str,
+) -> tuple[TilingReport, HistoduoError | None]:
     workers = default_workers() if workers is None else workers
     labeller = Labeller.from_dir(annotations_dir, params, class_names) if annotations_dir else None
     names = labeller.class_names if labeller else None
-    existing, entries = _existing_slides(out_path, overwrite)
+    names_given = {source.name for source in sources}
+    existing, entries = existing_slides(out_path, log or (lambda message: None), names_given)
     if names is None and existing and out_path.exists():
         names = store_class_names(out_path)
     pool = LazyPool(workers, tileio.WORKER_PRELOAD, initializer=tileio.warm_up)
@@ -172,20 +208,17 @@ def tile_slides(
     run.log = log
     if qc_mode != "off":
         run.qc, run.qc_mode = qc or QCParams(), qc_mode
-    run.changed = not out_path.exists() or len(entries) != len(_listed(out_path))
     first_error = None
     try:
         with pool, SlideProgress(progress, len(sources)) as bars:
             run.bars = bars
             first_error = _run_pipeline(sources, run, skip_errors)
     finally:
-        # Every listed slide is complete, so the index is safe to write even when stopping.
+        # Every listed slide is complete, so the index is safe to write even when stopping;
+        # it is always rewritten: slides this run found changed or adopted reach it too.
         # On a full or read-only disk the write fails and the previous index stays whole.
         try:
-            if run.changed or not out_path.exists():
-                run.write_index()
-            if overwrite:
-                remove_unlisted(out_path, run.entries.values())
+            run.write_index()
         except OSError as exc:
             index_error = output_error(exc, out_path)
             if index_error is None:
@@ -205,53 +238,7 @@ def tile_slides(
         tiled = sum(r.status == "done" for r in results)
         if log is not None and tiled:
             log(f"{tiled} finished slide(s) were saved in {out_path}; rerun to resume")
-        raise first_error
-    return report
-
-
-def _listed(out_path: Path) -> dict[str, IndexEntry]:
-    try:
-        return read_index(out_path)[0] if store_version(out_path) == 2 else {}
-    except (OSError, StoreError):
-        return {}
-
-
-def _existing_slides(
-    out_path: Path, overwrite: bool
-) -> tuple[dict[str, SlideRecord], dict[str, IndexEntry]]:
-    """(records of complete slides to resume from, index entries to keep)."""
-    if not out_path.exists():
-        version = None
-    else:
-        version = store_version(out_path)
-        if version is None and not overwrite:
-            if is_store(out_path):
-                raise StoreError(out_path, "not a tile store this histoduo reads")
-            raise StoreError(out_path, "exists and is not a histoduo tile store; pass --overwrite")
-        if version == 1 and not overwrite:
-            raise StoreUpgradeNeeded(out_path, upgrade_hint(out_path))
-    remove_temporary(out_path)  # a killed writer's; never trusted
-    if overwrite:
-        return {}, {}
-    listed = _listed(out_path) if version == 2 else {}
-    existing = complete_slides(out_path) if version == 2 else {}
-    entries = {name: replace(listed[name], record=existing[name]) for name in existing}
-    for name, record in orphan_slides(out_path, listed).items():
-        path = slide_file_path(out_path, name)
-        write_trident_file(path, trident_file_path(out_path, name))  # may have been cut short
-        existing[name] = record
-        entries[name] = IndexEntry.of(record, path)
-    return existing, entries
-
-
-def _skipped(source: SlideSource, record: SlideRecord) -> SlideResult:
-    return SlideResult(
-        source.name,
-        str(source.path),
-        "skipped",
-        n_tiles=record.n_tiles,
-        tissue_area_mm2=record.tissue_area_mm2,
-    )
+    return report, first_error
 
 
 @dataclass
@@ -309,6 +296,7 @@ def _plan_slide(source: SlideSource, run: _TileRun) -> _PlannedSlide:
             read_level_height=level_h,
             scanner_magnification=slide.magnification,
             read_size_px=geometry.read_size_px,
+            class_names=run.class_names,
         )
     artefacts = detect_artefacts(mask, run.qc) if run.qc is not None else None
     return _PlannedSlide(geometry, mask, coords, fractions, labels, record, artefacts)
@@ -436,7 +424,10 @@ def _finish_slide(job: _SlideJob, run: _TileRun) -> SlideResult:
             raise error from None
         raise
     encoding = "none" if run.params.dry_run else run.params.encoding
-    record = replace(plan.record, n_tiles=len(plan.coords), tile_encoding=encoding, complete=True)
+    record = replace(
+        plan.record, n_tiles=len(plan.coords), tile_encoding=encoding, complete=True,
+        file_id=writer.file_id,
+    )  # fmt: skip
     run.add(IndexEntry.of(record, path))  # the record as the file now holds it
     return SlideResult(
         source.name,

@@ -11,12 +11,14 @@ from typing import Any
 
 from histoduo import __version__
 from histoduo.runtime.files import atomic_write_text
+from histoduo.runtime.locks import LockParams
 from histoduo.store import (
     SlideGroupData,
     SlidePartWriter,
     StoreError,
     assemble_store,
     group_key,
+    store_lock,
 )
 from histoduo.tiling.importer.load import _load_groups, _pool
 from histoduo.tiling.importer.mosaic import (
@@ -93,6 +95,7 @@ def import_images(
     overwrite: bool = False,
     workers: int = 0,
     log: Callable[[str], None] | None = None,
+    lock: LockParams | None = None,
 ) -> ImportReport:
     """Write the images of ``folder`` as a tile store at ``out_path``; returns the report
     (also written to ``<out>.report.json``). See the module docstring for the choices."""
@@ -101,8 +104,7 @@ def import_images(
     out_path = Path(out_path)
     if not folder.is_dir():
         raise ImageImportError(folder, "image folder not found")
-    if out_path.exists() and not overwrite:
-        raise StoreError(out_path, "output exists; pass --overwrite to replace it")
+    _refuse_existing(out_path, overwrite)
     run = _ImportRun(folder, params, skip_errors, log or (lambda message: None))
     if labels_csv is not None:
         entries, class_names, unlisted = read_labels_csv(
@@ -123,16 +125,40 @@ def import_images(
     usable = _probe_entries(run, entries)
     tile_size_px, target_mpp, mpp_source = _resolution(run, usable)
     _warn_about_groups(run, usable, class_names, labels_csv is not None)
-    written = _write_store(
-        run=run,
-        out_path=out_path,
-        groups=_group_entries(usable),
-        class_names=class_names,
-        tile_size_px=tile_size_px,
-        target_mpp=target_mpp,
-        mpp_source=mpp_source,
-        workers=workers,
-    )
+    with store_lock(out_path, lock, run.say):  # one writer; checked again under the lock
+        _refuse_existing(out_path, overwrite)
+        written = _write_store(
+            run=run,
+            out_path=out_path,
+            groups=_group_entries(usable),
+            class_names=class_names,
+            tile_size_px=tile_size_px,
+            target_mpp=target_mpp,
+            mpp_source=mpp_source,
+            workers=workers,
+        )
+        report = _report(run, out_path, class_names, tile_size_px, target_mpp, written)
+    return report
+
+
+def _refuse_existing(out_path: Path, overwrite: bool) -> None:
+    if out_path.exists() and not overwrite:
+        raise StoreError(
+            out_path,
+            "output exists; choose a new --out (`histoduo merge` adds the imported store to "
+            "this one afterwards)",
+        )
+
+
+def _report(
+    run: _ImportRun,
+    out_path: Path,
+    class_names: list[str],
+    tile_size_px: int,
+    target_mpp: float,
+    written: dict[str, list[str]],
+) -> ImportReport:
+    params = run.params
     report = ImportReport(
         store=str(out_path),
         params=asdict(params),
