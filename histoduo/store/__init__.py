@@ -24,6 +24,7 @@ slides it adds plus the index.
 """
 
 from histoduo.runtime.codec import decode_jpeg, encode_jpeg
+from histoduo.store.combine import copy_store, merge_stores, upgrade_store
 from histoduo.store.layout import (
     IndexEntry,
     clam_dir,
@@ -67,10 +68,7 @@ from histoduo.store.write import (
     SlidePartWriter,
     assemble_store,
     convert_v1_slide,
-    copy_store,
     install_slide_file,
-    merge_stores,
-    upgrade_store,
     write_trident_coords,
     write_trident_file,
 )
