@@ -339,21 +339,30 @@ def test_prefetcher_works_ahead_and_raises_in_turn() -> None:
 
 
 def test_prefetcher_close_drops_work_not_started() -> None:
-    calls: list[int] = []
+    """close() cancels queued keys and waits only for the one running: a close that just
+    waited would run every queued key."""
+    import threading
 
-    def slow(key: int) -> int:
+    calls: list[int] = []
+    release = threading.Event()
+
+    def blocked(key: int) -> int:
         calls.append(key)
-        time.sleep(0.05)
+        if key:  # the worker's keys wait until the test lets them finish
+            release.wait(10)
         return key
 
-    ahead = Prefetcher(slow, list(range(10)), depth=3)
-    assert ahead.get(0) == 0
-    ahead.close()
-    # One worker thread: key 1 may be running (close waits for it); 2 and 3 were queued and
-    # must never start. A close that only waited would run all of 0-3.
-    assert sorted(calls) in ([0], [0, 1])
-    time.sleep(0.2)
-    assert sorted(calls) in ([0], [0, 1])
+    ahead = Prefetcher(blocked, list(range(10)), depth=3)
+    assert ahead.get(0) == 0  # computed on the spot; 1-3 queued on the one worker thread
+    closing = threading.Thread(target=ahead.close)
+    closing.start()
+    deadline = time.monotonic() + 10
+    while ahead._futures and time.monotonic() < deadline:  # close() cancels, then waits
+        time.sleep(0.01)
+    release.set()
+    closing.join(10)
+    assert not closing.is_alive()
+    assert sorted(calls) in ([0], [0, 1])  # 1 may have been running; 2 and 3 never start
 
 
 def test_predict_prefetches_the_next_slide(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from typer.testing import CliRunner
 from histoduo.cli import app
 from histoduo.models.encoders import EncoderSpec, create_trunk, register_encoder
 from histoduo.predict.embed import LOCK_NAME, EmbedError, EmbedParams, embed_store
+from histoduo.runtime.locks import LockedError
 from histoduo.store import TileStore
 from histoduo.store.features import feature_file_path, read_feature_bag
 
@@ -168,11 +171,13 @@ def test_bad_inputs_fail_clearly(store: Path, tmp_path: Path) -> None:
     params = EmbedParams(encoder=SPEC.name, weights=str(weights), workers=0, quiet=True)
     folder = tmp_path / "out" / f"features_{SPEC.name}"
     folder.mkdir(parents=True)
-    (folder / LOCK_NAME).write_text(str(os.getppid()))  # a live writer
-    with pytest.raises(EmbedError, match="another embed"):
+    live = {"host": socket.gethostname(), "pid": os.getppid()}  # a live writer
+    (folder / LOCK_NAME).write_text(json.dumps(live))
+    with pytest.raises(LockedError, match="being written by another run"):
         embed_store(store, tmp_path / "out", params)
     assert not list(folder.glob("*.h5"))
-    (folder / LOCK_NAME).write_text("999999999")  # a killed writer's lock is taken over
+    dead = {"host": socket.gethostname(), "pid": 999999999}  # a killed writer's lock
+    (folder / LOCK_NAME).write_text(json.dumps(dead))  # is taken over
     assert set(
         embed_store(
             store,

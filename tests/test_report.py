@@ -238,7 +238,7 @@ def test_report_in_headless_chromium(run: Path, tmp_path: Path) -> None:
     dom = result.stdout
     marker = re.search(r"IMAGES=(\d+) BROKEN=(\d+)([^<]*)", dom)
     assert marker, f"the check script did not run: {result.stderr[-2000:]}"
-    assert int(marker.group(1)) == 2 * (4 + len(CLASSES))
+    assert int(marker.group(1)) == 2 * (5 + len(CLASSES))  # maps, QC overlay, prob maps
     assert int(marker.group(2)) == 0, f"broken images: {marker.group(3)}"
     text = re.sub(r"<[^>]+>", " ", dom)
     for row in _rows(run / "slides.csv"):

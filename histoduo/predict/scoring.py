@@ -153,7 +153,7 @@ def attach_qc(scores: SlideScores, tiles: Any, artefacts: Any, mode: str) -> Non
 
     scores.qc_pen, scores.qc_blur, scores.qc_fold = tiles.pen, tiles.blur, tiles.fold
     scores.qc_flags = tiles.flags
-    scores.qc_excluded = tiles.flagged if mode == "exclude" else np.zeros(len(tiles.flags), bool)
+    scores.qc_excluded = tiles.excludable if mode == "exclude" else np.zeros(len(tiles.flags), bool)
     scores.qc_labels = label_mask(artefacts, _blur_pixels(scores, tiles, artefacts))
 
 
@@ -294,7 +294,7 @@ def _artefact_uncertainty(
         return
     from histoduo.qc import TileQC
 
-    flagged = TileQC(scores.qc_pen, scores.qc_blur, scores.qc_fold, scores.qc_flags).flagged
+    flagged = TileQC(scores.qc_pen, scores.qc_blur, scores.qc_fold, scores.qc_flags).excludable
     grades = [scores.class_names.index(g) for g in meta.roles.grades if g in scores.class_names]
     tumour = np.isin(scores.pred, grades)
     weight = scores.tissue_fraction.astype(np.float64)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from histoduo.qc.params import (
+    EXCLUDED_BITS,
     FLAG_BLUR,
     FLAG_CHECKED,
     FLAG_FOLD,
@@ -247,6 +248,11 @@ class TileQC:
     def flagged(self) -> np.ndarray:
         """Tiles with any artefact bit."""
         return (self.flags & (FLAG_PEN | FLAG_BLUR | FLAG_FOLD)) > 0
+
+    @property
+    def excludable(self) -> np.ndarray:
+        """Tiles that `--qc exclude` leaves out: pen or blur (params.EXCLUDED_BITS)."""
+        return (self.flags & EXCLUDED_BITS) > 0
 
     def select(self, keep: np.ndarray) -> TileQC:
         return TileQC(self.pen[keep], self.blur[keep], self.fold[keep], self.flags[keep])

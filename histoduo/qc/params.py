@@ -17,6 +17,11 @@ FLAG_BLUR = 2
 FLAG_FOLD = 4
 FLAG_CHECKED = 128
 FLAG_BITS = {"pen": FLAG_PEN, "blur": FLAG_BLUR, "fold": FLAG_FOLD}
+# What `exclude` leaves out: pen and blur. Folds are flagged and shown, never excluded: the
+# fold detector cannot tell a fold from dense tumour (recall 0.07-0.31 on synthetic folds,
+# docs/qc.md), and excluding it dropped every high-grade training tile of a synthetic
+# cohort, so the grade would have lost exactly the tumour it exists to find.
+EXCLUDED_BITS = FLAG_PEN | FLAG_BLUR
 
 
 @dataclass(frozen=True, kw_only=True)

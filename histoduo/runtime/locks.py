@@ -201,7 +201,11 @@ class WriterLock:
             try:
                 created = _create(self.path, text)
             except OSError as exc:
-                raise LockedError(self.path, f"cannot create the writer lock ({exc})") from exc
+                from histoduo.runtime.errors import output_error
+
+                disk = output_error(exc, self.path)  # read-only or full: say it in words
+                reason = disk.reason if disk is not None else str(exc)
+                raise LockedError(self.path, f"cannot create the writer lock: {reason}") from exc
             if created:
                 self.holder = me
                 remove_stale_temporaries(self.path.parent, of=self.path.name)  # killed drafts

@@ -262,7 +262,7 @@ class TileStore:
         """bool (N,): the slide's tiles that QC policy leaves out of training, the grade and
         MIL. ``qc`` "exclude" leaves the flagged tiles out, "flag"/"off" none; None follows
         the mode the slide was tiled with. A slide QC never checked leaves nothing out."""
-        from histoduo.qc.params import FLAG_BLUR, FLAG_FOLD, FLAG_PEN
+        from histoduo.qc.params import EXCLUDED_BITS
 
         n = self.num_tiles(slide)
         checked = self.qc(slide) if qc not in ("flag", "off") else None
@@ -271,7 +271,7 @@ class TileStore:
         mode = qc or (self.qc_info(slide) or {}).get("mode", "flag")
         if mode != "exclude":
             return np.zeros(n, dtype=bool)
-        return (checked["qc_flags"] & (FLAG_PEN | FLAG_BLUR | FLAG_FOLD)) > 0
+        return (checked["qc_flags"] & EXCLUDED_BITS) > 0
 
     def qc_info(self, slide: str) -> dict[str, Any] | None:
         """The slide's QC summary (mode, params, burdens), or None when not checked."""

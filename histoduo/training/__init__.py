@@ -14,7 +14,7 @@ _EXPORTS = {
     "LabelError": "data",
     "TrainConfig": "config",
     "TrainResult": "loop",
-    "evaluate": "evaluate",
+    "evaluate": "evaluation",
     "train": "loop",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
@@ -30,5 +30,5 @@ __all__ = [
 if TYPE_CHECKING:
     from histoduo.training.config import AugmentConfig, TrainConfig
     from histoduo.training.data import LabelError
-    from histoduo.training.evaluate import evaluate
+    from histoduo.training.evaluation import evaluate
     from histoduo.training.loop import TrainResult, train
