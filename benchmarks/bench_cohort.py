@@ -94,14 +94,14 @@ def _serial_costs_ms(path: Path, coords: np.ndarray, geometry, tile_px: int) -> 
     """ms per tile of read+resize and of JPEG encoding, in this process, on up to 64 tiles."""
     from histoduo.runtime.codec import encode_jpeg
     from histoduo.slide import open_slide
-    from histoduo.tiling.read import read_tile_at_level
+    from histoduo.tiling.read import read_tile
 
     sample = coords[:: max(1, len(coords) // 64)][:64]
     with open_slide(path) as slide:
-        read_tile_at_level(slide, sample[0], geometry.read_level, geometry.read_size_px, tile_px)
+        read_tile(slide, sample[0], geometry.read_level, geometry.read_size_px, tile_px)
         t0 = time.perf_counter()
         tiles = [
-            read_tile_at_level(slide, xy, geometry.read_level, geometry.read_size_px, tile_px)
+            read_tile(slide, xy, geometry.read_level, geometry.read_size_px, tile_px)
             for xy in sample
         ]
         t1 = time.perf_counter()

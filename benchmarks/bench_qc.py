@@ -72,7 +72,7 @@ def _per_tile_costs(path: Path, params) -> str:  # noqa: ANN001
     from histoduo.runtime.codec import encode_jpeg
     from histoduo.slide import open_slide
     from histoduo.tiling import TileGeometry, plan_tiles
-    from histoduo.tiling.read import read_tile_at_level
+    from histoduo.tiling.read import read_tile
     from histoduo.tissue import detect_tissue
 
     with open_slide(path) as slide:
@@ -88,7 +88,7 @@ def _per_tile_costs(path: Path, params) -> str:  # noqa: ANN001
         t_read = t_blur = 0.0
         for xy in coords:
             t0 = time.perf_counter()
-            tile = read_tile_at_level(
+            tile = read_tile(
                 slide, xy, geometry.read_level, geometry.read_size_px, params.tile_size_px
             )
             encode_jpeg(tile, params.jpeg_quality)
