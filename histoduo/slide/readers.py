@@ -10,6 +10,7 @@ import numpy as np
 
 from histoduo.slide.base import Slide, _rgba_to_rgb
 from histoduo.slide.info import SUPPORTED_FORMATS, SlideError
+from histoduo.slide.tiled import TiledLevel
 
 
 class _LibrarySlide(Slide):
@@ -79,6 +80,7 @@ class TiffSlideSlide(_LibrarySlide):
         except Exception as exc:  # tifffile raises many types for bad files
             raise SlideError(path, f"cannot open with tiffslide ({exc})") from exc
         _check_rgb_pages(path, self._slide)
+        self._tiled: dict[int, TiledLevel | None] = {}
 
     @property
     def properties(self) -> Mapping[str, str]:
@@ -92,8 +94,26 @@ class TiffSlideSlide(_LibrarySlide):
     def associated_image_names(self) -> list[str]:
         return sorted(self._slide.associated_images.keys())
 
+    def _tiled_level(self, level: int) -> TiledLevel | None:
+        """The direct reader of ``level`` where the file allows it (slide/tiled.py)."""
+        if level not in self._tiled:
+            props = self._slide.properties
+            plain = props.get("tiffslide.series-axes") == "YXS" and not props.get(
+                "tiffslide.series-composition"
+            )
+            series = int(props.get("tiffslide.series-index") or 0)
+            self._tiled[level] = (
+                TiledLevel.for_level(self._slide.ts_tifffile, series, level) if plain else None
+            )
+        return self._tiled[level]
+
     def _read_raw(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         try:
+            tiled = self._tiled_level(level)
+            if tiled is not None:
+                # tiffslide's own level-0 -> level mapping, so both paths read the same pixels
+                downsample = self._slide.level_downsamples[level]
+                return tiled.read(int(x / downsample), int(y / downsample), width, height)
             array = self._slide.read_region((x, y), level, (width, height), as_array=True)
         except Exception as exc:
             raise SlideError(self.path, f"corrupt or truncated slide data ({exc})") from exc
