@@ -323,13 +323,13 @@ def _slide_batches(tiles: SlideTiles, workers: int) -> Iterator[tuple[np.ndarray
                 tile_size_px=tiles.tile_size_px,
                 encoding=None,  # decoded uint8 arrays, read by read_tile as SlideTiles does
             )
-            pending.append((start, pool.apply_async(tileio.read_chunk, (task,))))
+            pending.append((start, pool.submit(tileio.read_chunk, task)))
 
         for _ in range(workers * _READ_AHEAD_PER_WORKER):
             submit()
         while pending:
             start, result = pending.popleft()
-            pixels = result.get()
+            pixels = result.result()
             submit()
             # Transformed a forward's worth at a time: a float copy of the whole chunk
             # would cost 4x its uint8 bytes for nothing (the model takes slices anyway).

@@ -20,6 +20,7 @@ from histoduo.runtime.files import (
 )
 from histoduo.runtime.pool import (
     LazyPool,
+    WorkerPool,
     available_cores,
     default_workers,
     pool_context,
@@ -34,6 +35,7 @@ __all__ = [
     "HistoduoError",
     "LazyPool",
     "SlideProgress",
+    "WorkerPool",
     "atomic_path",
     "atomic_write",
     "atomic_write_bytes",

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
 
@@ -56,17 +57,49 @@ def pool_context(preload: Sequence[str] = ()) -> mp.context.BaseContext:
     return mp.get_context("spawn")
 
 
+class WorkerPool:
+    """Clean worker processes behind ``imap`` (ordered results) and ``submit`` (a future).
+
+    Built on ``concurrent.futures.ProcessPoolExecutor``, not ``multiprocessing.Pool``: the
+    latter's worker-handler thread wakes whenever results wait in its pipe, so while the
+    parent is busy (tissue detection, writing) it spins; measured on a 2-core tiling run of
+    8 slides, 2.1-3.3 s of the parent's CPU, against 0.16 s for the executor's one thread,
+    which reads the results itself. A worker that dies fails the run (BrokenProcessPool)
+    instead of leaving it waiting for ever.
+    """
+
+    def __init__(self, workers: int, preload: Sequence[str] = (), initializer: Any = None) -> None:
+        from concurrent.futures import ProcessPoolExecutor
+
+        self._executor = ProcessPoolExecutor(
+            workers, mp_context=pool_context(preload), initializer=initializer
+        )
+
+    def imap(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+        """``fn(item)`` for each item in the workers, results in order (all queued at once)."""
+        return self._executor.map(fn, items)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        return self._executor.submit(fn, *args)
+
+    def close(self, *, cancel: bool = False) -> None:
+        """Wait for the workers to exit; ``cancel`` first drops work not yet started (an
+        aborted run does not wait for its queue, only for the chunks already running)."""
+        self._executor.shutdown(wait=True, cancel_futures=cancel)
+
+
 @contextmanager
 def worker_pool(
     workers: int, preload: Sequence[str] = (), initializer: Any = None
-) -> Iterator[Any]:
-    """A ``multiprocessing.Pool`` of clean workers, closed and joined on exit."""
-    pool = pool_context(preload).Pool(workers, initializer=initializer)
+) -> Iterator[WorkerPool]:
+    """A :class:`WorkerPool`, closed on exit (queued work dropped if the block failed)."""
+    pool = WorkerPool(workers, preload, initializer)
+    failed = True
     try:
         yield pool
+        failed = False
     finally:
-        pool.close()
-        pool.join()
+        pool.close(cancel=failed)
 
 
 class LazyPool:
@@ -76,12 +109,12 @@ class LazyPool:
         self.workers = workers
         self.preload = tuple(preload)
         self.initializer = initializer
-        self._pool: Any = None
+        self._pool: WorkerPool | None = None
 
-    def get(self) -> Any:
+    def get(self) -> WorkerPool | None:
         """The pool, or None when ``workers`` is 0 (work runs in this process)."""
         if self._pool is None and self.workers > 0:
-            self._pool = pool_context(self.preload).Pool(self.workers, initializer=self.initializer)
+            self._pool = WorkerPool(self.workers, self.preload, self.initializer)
         return self._pool
 
     def __enter__(self) -> LazyPool:
@@ -89,9 +122,5 @@ class LazyPool:
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if self._pool is not None:
-            if exc_type is None:
-                self._pool.close()
-            else:
-                self._pool.terminate()  # queued work of an aborted run is not waited for
-            self._pool.join()
+            self._pool.close(cancel=exc_type is not None)
             self._pool = None

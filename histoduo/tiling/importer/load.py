@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from histoduo.runtime.pool import pool_context
+from histoduo.runtime.pool import WorkerPool
 from histoduo.tiling.importer.mosaic import _cell_px
 from histoduo.tiling.importer.scan import ImageEntry, ImportParams
 
@@ -75,7 +75,7 @@ def _load_chunk(task: _LoadTask) -> list[_Loaded]:
 
 def _pool(workers: int) -> Any:
     # Workers start clean (never a fork of a parent holding HDF5 handles).
-    return pool_context(["histoduo.tiling.importer.load", "PIL.Image", "imagecodecs"]).Pool(workers)
+    return WorkerPool(workers, ["histoduo.tiling.importer.load", "PIL.Image", "imagecodecs"])
 
 
 def _load_groups(

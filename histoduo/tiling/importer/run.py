@@ -273,8 +273,7 @@ def _write_store(
         assemble_store(out_path, parts, class_names=class_names)
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.close(cancel=True)
         shutil.rmtree(parts_dir, ignore_errors=True)
     return written
 
