@@ -107,6 +107,10 @@ def test_embed_equals_timm_forward_and_resumes(store: Path, tmp_path: Path) -> N
             expected_attrs = tiles.record(slide).trident_attrs()
             assert set(expected_attrs) <= set(attrs)
             assert attrs["patch_size"] == 64 and attrs["name"] == slide
+            # The store's QC flags ride along row for row, for train-mil to leave out.
+            checked = tiles.qc(slide)
+            assert checked is not None and bag.qc_mode == "exclude"
+            np.testing.assert_array_equal(bag.qc_flags, checked["qc_flags"])
     # Weights are recorded by hash, never copied.
     assert not any(p.suffix == ".safetensors" for p in out.rglob("*"))
     assert (result.features_dir / "embed.json").is_file()

@@ -412,3 +412,72 @@ def test_early_stopping_counts_across_a_resume(cohort, tmp_path: Path) -> None: 
         _config(cohort, tmp_path / "r", epochs=8, **settings), resume=True, progress=False
     )
     assert resumed.report["epochs_run"] == stopped_at
+
+
+# --- artefact QC: flagged tiles stay out of slide-level training, as out of tile training ---
+
+
+def test_feature_bag_kept_follows_the_qc_policy(tmp_path: Path) -> None:
+    from histoduo.qc.params import FLAG_BLUR, FLAG_CHECKED, FLAG_FOLD, FLAG_PEN
+    from histoduo.store.features import FeatureInfo, read_feature_bag, write_feature_file
+
+    info = FeatureInfo(slide="s", encoder="e", embedding_dim=2, mpp=0.5, input_size_px=8)
+    features = np.arange(10, dtype=np.float32).reshape(5, 2)
+    coords = np.arange(10).reshape(5, 2)
+    flags = np.array([0, FLAG_PEN, FLAG_BLUR, FLAG_FOLD, FLAG_PEN | FLAG_FOLD]) | FLAG_CHECKED
+
+    def bag(mode: str | None, qc_flags: np.ndarray | None = flags) -> object:
+        path = write_feature_file(tmp_path / f"{mode}.h5", info, features, coords,
+                                  qc_flags=qc_flags, qc_mode=mode)  # fmt: skip
+        return read_feature_bag(path)
+
+    tiled_exclude = bag("exclude")
+    kept = tiled_exclude.kept()  # follows the tiling mode: pen and blur out, folds stay
+    np.testing.assert_array_equal(kept.tile_numbers, [0, 3])
+    np.testing.assert_array_equal(kept.coords, coords[[0, 3]])
+    np.testing.assert_array_equal(kept.features, features[[0, 3]])
+    assert len(tiled_exclude.kept("flag").features) == 5
+    assert len(tiled_exclude.kept("off").features) == 5
+    tiled_flag = bag("flag")
+    assert len(tiled_flag.kept().features) == 5
+    np.testing.assert_array_equal(tiled_flag.kept("exclude").tile_numbers, [0, 3])
+    # Never checked (an older file): nothing to leave out.
+    assert len(bag("unchecked", None).kept("exclude").features) == 5
+    # Every tile flagged: the bag stays whole (a slide model needs tiles to call).
+    all_pen = bag("exclude", np.full(5, FLAG_CHECKED | FLAG_PEN))
+    assert len(all_pen.kept().features) == 5
+
+
+def test_train_mil_leaves_qc_flagged_tiles_out(cohort, tmp_path: Path) -> None:  # noqa: ANN001
+    from histoduo.qc.params import FLAG_CHECKED, FLAG_PEN
+    from histoduo.store.features import read_feature_bag, write_feature_file
+    from histoduo.training.mil.data import BagDataset
+
+    flagged_dir = tmp_path / "features_flagged"
+    flagged = np.arange(10)  # tiles 0-9 of every slide carry pen ink
+    for path in sorted(Path(cohort.features_dir).glob("*.h5")):
+        bag = read_feature_bag(path)
+        flags = np.full(len(bag.coords), FLAG_CHECKED, np.uint8)
+        flags[flagged] |= FLAG_PEN
+        write_feature_file(flagged_dir / path.name, bag.info, bag.features, bag.coords,
+                           qc_flags=flags, qc_mode="exclude")  # fmt: skip
+    paths = sorted(str(p) for p in flagged_dir.glob("*.h5"))
+    n_tiles = pd.Series({(b := read_feature_bag(p)).slide: len(b.coords) for p in paths})
+    first = n_tiles.iloc[0]
+    assert len(BagDataset(paths, [0] * len(paths))[0][0]) == first - len(flagged)
+    assert len(BagDataset(paths, [0] * len(paths), "flag")[0][0]) == first
+
+    def attended_tiles(qc: str | None) -> pd.DataFrame:
+        flagged_cohort = replace(cohort, features_dir=flagged_dir)
+        config = _config(flagged_cohort, tmp_path / f"run_{qc}", epochs=1, qc=qc)
+        train_mil(config, progress=False)
+        return pd.read_csv(config.out_dir / "attention.csv")
+
+    excluded = attended_tiles(None)  # as tiled: exclude
+    assert len(excluded) and not excluded["tile"].isin(flagged).any()
+    per_slide = excluded.groupby("slide").size()
+    assert (per_slide == n_tiles[per_slide.index] - len(flagged)).all()
+    kept = attended_tiles("flag")
+    assert kept["tile"].isin(flagged).any()
+    per_slide = kept.groupby("slide").size()
+    assert (per_slide == n_tiles[per_slide.index]).all()

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from histoduo.cli._app import app, fail
-from histoduo.cli._options import Device, Quiet
+from histoduo.cli._options import Device, Quiet, TrainQC
 from histoduo.training.mil.config import MILConfig  # no torch: --help stays instant
 
 # The defaults --help shows are the library's (MILConfig's field defaults).
@@ -110,6 +110,7 @@ def train_mil_command(
     threads: Threads = MIL_DEFAULTS["threads"],
     device: Device = MIL_DEFAULTS["device"],
     seed: Seed = MIL_DEFAULTS["seed"],
+    qc: TrainQC = None,
     resume: Resume = False,
     quiet: Quiet = False,
 ) -> None:
@@ -142,6 +143,7 @@ def train_mil_command(
             threads=threads,
             device=device,
             seed=seed,
+            qc=qc,
         )
         result = train_mil(
             config, resume=resume, progress=not quiet, log=None if quiet else console.print

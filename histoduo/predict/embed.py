@@ -273,6 +273,8 @@ def embed_store(
             try:
                 with TileStore(store_path) as store:
                     coords = store.coords(name)
+                    checked = store.qc(name)  # kept beside the features for train-mil
+                    qc_mode = (store.qc_info(name) or {}).get("mode")
                 features = embedder.embed_slide(store_path, name, record.n_tiles, on_batch)
                 info = FeatureInfo(
                     slide=name,
@@ -303,6 +305,8 @@ def embed_store(
                     coords,
                     record.trident_attrs(),
                     dtype=_storage_dtype(features, params.feature_dtype),
+                    qc_flags=None if checked is None else checked["qc_flags"],
+                    qc_mode=qc_mode,
                 )
             except HistoduoError as err:
                 if not params.skip_errors:

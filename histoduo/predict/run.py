@@ -176,7 +176,8 @@ class _PredictRun:
         assert self.params.slide_features is not None
         path = feature_file_path(self.params.slide_features, job.name)
         try:
-            bag = read_feature_bag(path)
+            # flagged tiles left out as in train-mil and the tile grade (--qc)
+            bag = read_feature_bag(path).kept(self.params.qc_mode)
         except FeatureFileError as exc:
             raise SlideError(path, f"{exc.reason} (needed by --slide-model)") from exc
         try:

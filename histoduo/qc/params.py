@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 QC_MODES = ("exclude", "flag", "off")
 # exclude: flagged tiles stay in the store and tables but leave training, the grade and MIL
 # (docs/qc.md says why this is the default).
@@ -103,6 +105,18 @@ class QCParams:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QCParams:
         return cls(**data)
+
+
+def excluded_tiles(
+    flags: np.ndarray | None, qc: str | None, tiled_mode: str | None
+) -> np.ndarray | None:
+    """bool per tile: what QC policy leaves out of training, the grade and MIL; None when
+    nothing is left out. ``qc`` "exclude" leaves the pen/blur-flagged tiles out, "flag" and
+    "off" none; None follows ``tiled_mode``, the --qc the slide was tiled with. ``flags``
+    None: QC never checked the slide, so nothing is left out."""
+    if flags is None or qc in ("flag", "off") or (qc or tiled_mode) != "exclude":
+        return None
+    return (np.asarray(flags) & EXCLUDED_BITS) > 0
 
 
 def check_mode(mode: str) -> str:

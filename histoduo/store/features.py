@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
+from histoduo.qc.params import excluded_tiles
 from histoduo.runtime.errors import HistoduoError
 from histoduo.runtime.files import atomic_path
 from histoduo.store.record import group_key
@@ -89,10 +90,37 @@ class FeatureBag:
     info: FeatureInfo
     features: np.ndarray  # (N, D)
     coords: np.ndarray  # (N, 2) int64
+    qc_flags: np.ndarray | None = None  # uint8 (N,) from the tile store; None: never checked
+    qc_mode: str | None = None  # the --qc the slide was tiled with
+    rows: np.ndarray | None = None  # the rows' tile numbers in the file; None: all, in order
 
     @property
     def slide(self) -> str:
         return self.info.slide
+
+    @property
+    def tile_numbers(self) -> np.ndarray:
+        """Each row's tile number in the slide (the store's and the file's row), also after
+        :meth:`kept` dropped some."""
+        return np.arange(len(self.coords)) if self.rows is None else self.rows
+
+    def kept(self, qc: str | None = None) -> FeatureBag:
+        """The bag without the tiles QC policy leaves out (``qc`` exclude / flag / off; None
+        follows the mode the slide was tiled with), as tile training and the grade do.
+
+        A bag whose every tile is flagged is returned whole: a slide model needs tiles to
+        call, and the slide's QC burden in the tile store says why it is doubtful."""
+        excluded = excluded_tiles(self.qc_flags, qc, self.qc_mode)
+        if excluded is None or not excluded.any() or excluded.all():
+            return self
+        keep = ~excluded
+        return replace(
+            self,
+            features=self.features[keep],
+            coords=self.coords[keep],
+            qc_flags=None if self.qc_flags is None else self.qc_flags[keep],
+            rows=self.tile_numbers[keep],
+        )
 
 
 def write_feature_file(
@@ -103,8 +131,14 @@ def write_feature_file(
     coords_attrs: Mapping[str, Any] | None = None,
     *,
     dtype: str = "float16",
+    qc_flags: np.ndarray | None = None,
+    qc_mode: str | None = None,
 ) -> Path:
-    """Write one slide's features atomically (a reader never sees half a file)."""
+    """Write one slide's features atomically (a reader never sees half a file).
+
+    ``qc_flags``: the tile store's per-tile QC flags (row for row), kept so slide-level
+    training can leave flagged tiles out as tile training does; an extra dataset, which
+    TRIDENT- and CLAM-style readers of ``features``/``coords`` never look at."""
     path = Path(path)
     features = np.asarray(features)
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
@@ -116,6 +150,8 @@ def write_feature_file(
         raise FeatureFileError(
             path, f"features have {features.shape[1]} dims, the encoder says {info.embedding_dim}"
         )
+    if qc_flags is not None and len(qc_flags) != len(coords):
+        raise FeatureFileError(path, f"{len(qc_flags)} QC flags for {len(coords)} tiles")
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["format"] = FEATURE_FILE_FORMAT
@@ -126,6 +162,9 @@ def write_feature_file(
         ds = f.create_dataset("coords", data=coords)
         for key, value in (coords_attrs or {}).items():
             ds.attrs[key] = value
+        if qc_flags is not None:
+            flags = f.create_dataset("qc_flags", data=np.asarray(qc_flags, np.uint8))
+            flags.attrs["mode"] = qc_mode or "flag"
         f.attrs["complete"] = True
     return path
 
@@ -160,10 +199,16 @@ def read_feature_bag(path: str | Path, *, dtype: str = "float32") -> FeatureBag:
         info = FeatureInfo.from_attrs(dict(f.attrs), path)
         features = f["features"][()].astype(dtype, copy=False)
         coords = f["coords"][()].astype(np.int64, copy=False)
+        qc_flags, qc_mode = None, None
+        if "qc_flags" in f:
+            qc_flags = f["qc_flags"][()].astype(np.uint8, copy=False)
+            qc_mode = str(f["qc_flags"].attrs.get("mode", "flag"))
     shape_ok = features.ndim == 2 and features.shape[1] == info.embedding_dim
     if not shape_ok or len(features) != len(coords):
         raise FeatureFileError(path, f"features {features.shape} disagree with coords/attributes")
-    return FeatureBag(info, features, coords)
+    if qc_flags is not None and len(qc_flags) != len(coords):
+        raise FeatureFileError(path, f"{len(qc_flags)} QC flags for {len(coords)} tiles")
+    return FeatureBag(info, features, coords, qc_flags, qc_mode)
 
 
 def feature_files(features_dir: str | Path) -> dict[str, Path]:

@@ -262,16 +262,12 @@ class TileStore:
         """bool (N,): the slide's tiles that QC policy leaves out of training, the grade and
         MIL. ``qc`` "exclude" leaves the flagged tiles out, "flag"/"off" none; None follows
         the mode the slide was tiled with. A slide QC never checked leaves nothing out."""
-        from histoduo.qc.params import EXCLUDED_BITS
+        from histoduo.qc.params import excluded_tiles
 
-        n = self.num_tiles(slide)
         checked = self.qc(slide) if qc not in ("flag", "off") else None
-        if checked is None:
-            return np.zeros(n, dtype=bool)
-        mode = qc or (self.qc_info(slide) or {}).get("mode", "flag")
-        if mode != "exclude":
-            return np.zeros(n, dtype=bool)
-        return (checked["qc_flags"] & EXCLUDED_BITS) > 0
+        flags = None if checked is None else checked["qc_flags"]
+        excluded = excluded_tiles(flags, qc, (self.qc_info(slide) or {}).get("mode", "flag"))
+        return np.zeros(self.num_tiles(slide), dtype=bool) if excluded is None else excluded
 
     def qc_info(self, slide: str) -> dict[str, Any] | None:
         """The slide's QC summary (mode, params, burdens), or None when not checked."""

@@ -38,6 +38,9 @@ class MILConfig:
     device: str = "auto"
     threads: int | None = None  # torch CPU threads (1 is fastest for small bags on busy CPUs)
     seed: int = 0
+    # Tiles QC flagged (pen, blur): exclude / flag; None: as each slide was tiled (the
+    # flags ride in the feature files that embed writes from a QC-checked store).
+    qc: str | None = None
 
     def __post_init__(self) -> None:
         self.features_dir = Path(self.features_dir)
@@ -58,6 +61,10 @@ class MILConfig:
             raise ValueError("max_train_tiles must be >= 1")
         if self.num_workers < 0:
             raise ValueError("num_workers must be >= 0")
+        if self.qc is not None:
+            from histoduo.qc.params import check_mode
+
+            check_mode(self.qc)
         if self.grades is not None and len(set(self.grades)) != len(self.grades):
             raise ValueError(f"grades repeat a name: {self.grades}")
 

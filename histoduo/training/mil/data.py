@@ -202,9 +202,10 @@ class BagDataset:
     """Map-style dataset: item ``i`` is slide ``i``'s (features float32 tensor, label, i),
     read from its file when asked, so only the bags in flight are in memory."""
 
-    def __init__(self, paths: Sequence[str], labels: Sequence[int]) -> None:
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], qc: str | None = None) -> None:
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
+        self.qc = qc  # QC policy for flagged tiles (FeatureBag.kept)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -212,7 +213,7 @@ class BagDataset:
     def __getitem__(self, index: int) -> tuple[Any, int, int]:
         import torch
 
-        bag = read_feature_bag(self.paths[index])
+        bag = read_feature_bag(self.paths[index]).kept(self.qc)
         return torch.from_numpy(bag.features), int(self.labels[index]), int(index)
 
 

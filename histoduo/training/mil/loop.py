@@ -209,7 +209,9 @@ def _train_one(
         f"test {cohort.label_counts(run.rows('test'))}"
     )
     sampler = EpochSlides(train_rows["label"].to_numpy(), config.seed, config.balanced_sampler)
-    loader = _loader(BagDataset(train_rows["path"], train_rows["label"]), sampler, config)
+    loader = _loader(
+        BagDataset(train_rows["path"], train_rows["label"], config.qc), sampler, config
+    )
     stale = _epochs_since_best(history)  # a resumed run keeps counting toward its patience
     with EpochProgress(progress) as bars:
         for epoch in range(start, config.epochs + 1):

@@ -55,7 +55,7 @@ def evaluate(
     losses = []
     with torch.inference_mode():
         for i, (path, label) in enumerate(zip(rows["path"], rows["label"])):
-            bag = read_feature_bag(path)
+            bag = read_feature_bag(path).kept(run.config.qc)  # as in training
             logits, attention = model(torch.from_numpy(bag.features).to(run.device))
             probabilities[i] = torch.softmax(logits.float(), -1).cpu().numpy()
             losses.append(float(-np.log(max(probabilities[i, label], 1e-12))))
@@ -105,7 +105,8 @@ def final_report(run: MILRun, history: list[dict[str, Any]]) -> dict[str, Any]:
         writer.writerow(_attention_header(run))
 
         def write_attention(bag: Any, attention: np.ndarray) -> None:
-            for tile, ((x, y), values) in enumerate(zip(bag.coords.tolist(), attention)):
+            rows = zip(bag.tile_numbers.tolist(), bag.coords.tolist(), attention)
+            for tile, (x, y), values in rows:  # tile: the store's number, QC-dropped or not
                 writer.writerow([bag.slide, tile, x, y, *(f"{v:.6g}" for v in values)])
 
         for split in ("val", "test"):
