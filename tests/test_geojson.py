@@ -177,3 +177,20 @@ def test_empty_mask_gives_no_polygons() -> None:
     assert len(full) == 1
     exterior = full[0][0]
     assert exterior[:, 0].min() >= 0 and exterior[:, 0].max() <= 40
+
+
+def test_points_and_lines_are_warned_about_each_read(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    square = {"type": "Polygon", "coordinates": [[[0, 0], [10, 0], [10, 10], [0, 0]]]}
+    point = {"type": "Point", "coordinates": [5, 5]}
+    path = tmp_path / "mixed.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": g, "properties": {}} for g in (square, point)
+    ]}))  # fmt: skip
+    for _ in range(2):  # no per-process memory: each read of the file says it
+        read_annotations(path)
+        assert "ignored 1 point/line annotation(s)" in capsys.readouterr().err
+    messages: list[str] = []
+    read_annotations(path, warn=messages.append)
+    assert len(messages) == 1 and "mixed.geojson" in messages[0]
+    read_annotations(path, warn=False)
+    assert capsys.readouterr().err == ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,6 @@ MAX_COORDINATE_PX = 1e8
 # Nesting of GeometryCollections and of JSON itself; QuPath writes 2-4 levels.
 _MAX_GEOMETRY_DEPTH = 32
 _AREALESS = ("Point", "MultiPoint", "LineString", "MultiLineString")
-_warned: set[str] = set()  # files already warned about in this process
 
 
 def _ring(coords: Any, path: Path) -> np.ndarray:
@@ -162,11 +162,15 @@ def _annotation_from_feature(feature: Any, path: Path) -> Annotation:
     )
 
 
-def read_annotations(path: str | Path) -> list[Annotation]:
+def read_annotations(
+    path: str | Path, *, warn: bool | Callable[[str], None] = True
+) -> list[Annotation]:
     """Annotations from a GeoJSON file (QuPath export or any FeatureCollection).
 
     Accepts a FeatureCollection, a single Feature, a bare list of features (QuPath exports
     both), or a bare Polygon/MultiPolygon geometry. Raises ValueError naming the file.
+    Points and lines carry no area and are left out, with a warning: on stderr (``warn``
+    True), to a callable, or none (False: a caller that read the file before and warned).
     """
     path = Path(path)
     try:
@@ -203,14 +207,16 @@ def read_annotations(path: str | Path) -> list[Annotation]:
         and f["geometry"].get("type") in _AREALESS
         for f in features
     )
-    if arealess and str(path) not in _warned:
-        _warned.add(str(path))
-        # Straight to stderr: a label silently missing is what this warning prevents.
-        print(
+    if arealess and warn:
+        # Straight to stderr by default: a label silently missing is what this prevents.
+        message = (
             f"warning: {path}: ignored {arealess} point/line annotation(s); only polygons "
-            "carry labels and regions",
-            file=sys.stderr,
+            "carry labels and regions"
         )
+        if callable(warn):
+            warn(message)
+        else:
+            print(message, file=sys.stderr)
     return annotations
 
 

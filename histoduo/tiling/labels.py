@@ -69,7 +69,7 @@ class Labeller:
             return labels
         annotations = [
             a
-            for a in read_annotations(path)
+            for a in read_annotations(path, warn=False)  # from_dir read it and warned
             if a.class_name and a.class_name.lower() not in _NON_CLASS_NAMES
         ]
         _check_annotations(annotations, path, mask)
