@@ -55,3 +55,25 @@ def no_mpp_slide(synth_dir: Path):  # noqa: ANN201
     return _write(
         synth_dir, "nompp.svs", seed=14, level0_width=1024, level0_height=1024, write_mpp=False
     )
+
+
+@pytest.fixture(scope="session")
+def labelled_slides(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """Five 3072 x 2048 px synthetic slides and a folder of their ground-truth GeoJSON (one
+    file per slide, as `tile --annotations` reads it): (slide sources, annotations folder).
+    Written once per session for every test that tiles a labelled cohort."""
+    import shutil
+
+    from histoduo.slide.sources import SlideSource
+    from histoduo.synthetic import SyntheticSlideSpec, write_synthetic_slide
+
+    folder = tmp_path_factory.mktemp("labelled_slides")
+    annotations = folder / "annotations"
+    annotations.mkdir()
+    sources = []
+    for index in range(5):
+        spec = SyntheticSlideSpec(level0_width=3072, level0_height=2048, seed=40 + index)
+        slide = write_synthetic_slide(folder / f"slide_{index}.svs", spec, workers=1)
+        shutil.copyfile(slide.truth_geojson, annotations / f"slide_{index}.geojson")
+        sources.append(SlideSource(slide.path))
+    return sources, annotations

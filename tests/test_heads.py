@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -36,24 +35,16 @@ SPEC = EncoderSpec(
 
 
 @pytest.fixture(scope="module")
-def embedded(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def embedded(tmp_path_factory: pytest.TempPathFactory, labelled_slides):  # noqa: ANN001, ANN201
     """Five labelled synthetic slides (1 um/px, 64 px), embedded by a tiny random ViT."""
     from safetensors.torch import save_file
 
-    from histoduo.slide.sources import SlideSource
-    from histoduo.synthetic import DEFAULT_CLASSES, SyntheticSlideSpec, write_synthetic_slide
+    from histoduo.synthetic import DEFAULT_CLASSES
     from histoduo.tiling import TilingParams, tile_slides
 
     register_encoder(SPEC, replace=True)
     folder = tmp_path_factory.mktemp("heads")
-    annotations = folder / "annotations"
-    annotations.mkdir()
-    sources = []
-    for index in range(5):
-        spec = SyntheticSlideSpec(level0_width=3072, level0_height=2048, seed=40 + index)
-        slide = write_synthetic_slide(folder / f"slide_{index}.svs", spec, workers=1)
-        shutil.copyfile(slide.truth_geojson, annotations / f"slide_{index}.geojson")
-        sources.append(SlideSource(slide.path))
+    sources, annotations = labelled_slides
     store = folder / "tiles.h5"
     tile_slides(
         sources, store, TilingParams(target_mpp=1.0, tile_size_px=64),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import h5py
@@ -16,9 +15,8 @@ from typer.testing import CliRunner
 from histoduo.cli import app
 from histoduo.models import ModelConfig
 from histoduo.models.checkpoint import load_checkpoint, load_model
-from histoduo.slide.sources import SlideSource
 from histoduo.store import TileStore, copy_store
-from histoduo.synthetic import DEFAULT_CLASSES, SyntheticSlideSpec, write_synthetic_slide
+from histoduo.synthetic import DEFAULT_CLASSES
 from histoduo.tiling import TilingParams, tile_slides
 from histoduo.training import LabelError, TrainConfig, evaluate, train
 from histoduo.training import loop as loop_module
@@ -29,18 +27,11 @@ N_SLIDES = 5
 
 
 @pytest.fixture(scope="session")
-def labelled_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def labelled_store(tmp_path_factory: pytest.TempPathFactory, labelled_slides) -> Path:  # noqa: ANN001
     """Five synthetic slides tiled at 0.5 um/px, 64 px, labels from their ground truth."""
-    folder = tmp_path_factory.mktemp("train_store")
-    annotations = folder / "annotations"
-    annotations.mkdir()
-    sources = []
-    for index in range(N_SLIDES):
-        spec = SyntheticSlideSpec(level0_width=3072, level0_height=2048, seed=40 + index)
-        slide = write_synthetic_slide(folder / f"slide_{index}.svs", spec, workers=1)
-        shutil.copyfile(slide.truth_geojson, annotations / f"slide_{index}.geojson")
-        sources.append(SlideSource(slide.path))
-    store = folder / "tiles.h5"
+    sources, annotations = labelled_slides
+    assert len(sources) == N_SLIDES
+    store = tmp_path_factory.mktemp("train_store") / "tiles.h5"
     tile_slides(
         sources, store, TilingParams(target_mpp=0.5, tile_size_px=64),
         annotations_dir=annotations, class_names=list(DEFAULT_CLASSES), labelled_only=True,
