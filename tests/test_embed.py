@@ -121,6 +121,19 @@ def test_embed_equals_timm_forward_and_resumes(store: Path, tmp_path: Path) -> N
     stamp = first.stat().st_mtime_ns
     again = embed_store(store, out, params)
     assert set(again.status.values()) == {"skipped"} and first.stat().st_mtime_ns == stamp
+    # A file from before QC flags were copied (none, and no record of them) is redone.
+    from dataclasses import replace
+
+    from histoduo.store.features import write_feature_file
+
+    old = read_feature_bag(first)
+    extra = {k: v for k, v in old.info.extra.items() if k != "qc_flags"}
+    write_feature_file(first, replace(old.info, extra=extra), old.features, old.coords)
+    assert read_feature_bag(first).qc_flags is None
+    redone = embed_store(store, out, params)
+    assert redone.status[tiles.slides[0]] == "written"
+    assert set(redone.status.values()) == {"written", "skipped"}
+    assert read_feature_bag(first).qc_flags is not None
     # Other weights: redone, with the new hash and the new features.
     other, trunk2 = _weights(tmp_path / "w2.safetensors", seed=1)
     redo = embed_store(

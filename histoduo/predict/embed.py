@@ -110,8 +110,12 @@ def _mpp_warning(spec: EncoderSpec, store_mpp: float) -> str | None:
     )
 
 
-def _is_current(path: Path, spec: EncoderSpec, digest: str, record: SlideRecord) -> bool:
-    """A complete file from this encoder, these weights and this version of the slide."""
+def _is_current(
+    path: Path, spec: EncoderSpec, digest: str, record: SlideRecord, qc_checked: bool
+) -> bool:
+    """A complete file from this encoder, these weights and this version of the slide, with
+    the slide's QC flags if the store has them (a file from before they were copied is
+    redone, or train-mil would silently keep flagged tiles)."""
     from histoduo.store.features import FeatureFileError, read_feature_info
 
     if not path.is_file():
@@ -125,6 +129,7 @@ def _is_current(path: Path, spec: EncoderSpec, digest: str, record: SlideRecord)
         and info.weights_sha256 == digest
         and info.extra.get("store_fingerprint") == record.fingerprint
         and info.extra.get("n_tiles") == record.n_tiles
+        and bool(info.extra.get("qc_flags", False)) == qc_checked
     )
 
 
@@ -235,6 +240,7 @@ def embed_store(
         if unknown:
             raise EmbedError(store_path, f"no such slides in the store: {unknown[:5]}")
         records = {name: store.record(name) for name in slides}
+        qc_checked = {name for name in slides if store.qc_info(name) is not None}
         require_pixels(store)  # a coordinates-only store: say so before loading anything
     if encoder is None:
         try:
@@ -257,7 +263,8 @@ def embed_store(
         remove_stale_temporaries(folder)
         for name, record in records.items():
             path = feature_file_path(folder, name)
-            if not params.overwrite and _is_current(path, spec, digest, record):
+            checked_here = name in qc_checked
+            if not params.overwrite and _is_current(path, spec, digest, record, checked_here):
                 result.status[name] = "skipped"
                 progress.slide_done()
                 continue
@@ -295,6 +302,7 @@ def embed_store(
                         "store": str(store_path),
                         "store_fingerprint": record.fingerprint,
                         "n_tiles": record.n_tiles,
+                        "qc_flags": checked is not None,
                         "precision": embedder.runtime.precision,
                     },
                 )

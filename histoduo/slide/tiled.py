@@ -31,6 +31,8 @@ class TiledLevel:
     @classmethod
     def for_level(cls, tif: Any, series_index: int, level: int) -> TiledLevel | None:
         """The level's reader, or None when it is not the plain case this module handles."""
+        from tifffile import TiffPage
+
         series = tif.series[series_index]
         if level >= len(series.levels):
             return None
@@ -38,8 +40,10 @@ class TiledLevel:
         if len(level_series.pages) != 1:
             return None
         page = level_series.pages[0]
+        if not isinstance(page, TiffPage):  # a TiffFrame borrows its keyframe's tags: leave it
+            return None
         plain = (
-            getattr(page, "is_tiled", False)
+            page.is_tiled
             and not page.is_ndpi
             and page.jpegheader is None
             and int(page.imagedepth) == 1
