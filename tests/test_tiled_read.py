@@ -88,3 +88,17 @@ def test_a_region_outside_the_level_is_refused(svs_slide) -> None:
         assert level is not None
         with pytest.raises(ValueError, match="outside"):
             level.read(level.width - 4, 0, 8, 8)
+
+
+def test_threads_sharing_a_slide_read_the_same_pixels(svs_slide) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(1)
+    with open_slide(svs_slide.path, "tiffslide") as slide:
+        width, height = slide.level_dimensions[0]
+        spots = [(int(rng.integers(0, width - 300)), int(rng.integers(0, height - 300)))
+                 for _ in range(64)]  # fmt: skip
+        alone = [slide.read_region(xy, 0, (300, 300)) for xy in spots]
+        with ThreadPoolExecutor(4) as threads:
+            together = list(threads.map(lambda xy: slide.read_region(xy, 0, (300, 300)), spots))
+    assert all(np.array_equal(a, b) for a, b in zip(alone, together))

@@ -55,7 +55,12 @@ class TiledLevel:
             == -(-int(page.imagelength) // int(page.tilelength))
             * -(-int(page.imagewidth) // int(page.tilewidth))
         )
-        return cls(page, tif.filehandle) if plain else None
+        if not plain:
+            return None
+        # tifffile's handle does not lock by default; a seek + read must not interleave with
+        # another thread's on the same slide object.
+        tif.filehandle.set_lock(True)
+        return cls(page, tif.filehandle)
 
     def _tile(self, row: int, col: int) -> np.ndarray | None:
         index = row * self.tiles_across + col
