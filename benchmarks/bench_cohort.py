@@ -124,12 +124,11 @@ class _Stages:
     """Times the parent's stages of one ``tile_slides`` run by wrapping its internals."""
 
     def __init__(self) -> None:
-        self.seconds: dict[str, float] = {"tissue+plan": 0.0, "write": 0.0}
-        self.first_block: float | None = None
+        self.reset()
 
     def reset(self) -> None:
-        self.seconds = {"tissue+plan": 0.0, "write": 0.0}
-        self.first_block = None
+        self.seconds: dict[str, float] = {"tissue+plan": 0.0, "write": 0.0}
+        self.first_block: float | None = None
 
     def timed(self, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -164,7 +163,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("bench-out"))
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument(
-        "--repeat", type=int, default=1, help="limit + histoduo runs, alternating; the median"
+        "--repeats", type=int, default=1, help="limit + histoduo runs, alternating; the median"
     )
     args = parser.parse_args()
 
@@ -190,7 +189,7 @@ def main() -> None:
     limits, ours, startups = [], [], []
     with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
         tmp_dir = Path(tmp)
-        for _ in range(args.repeat):
+        for _ in range(args.repeats):
             limits.append(_limit(tasks, args.workers))
             stages.reset()
             t0 = time.perf_counter()
@@ -219,8 +218,8 @@ def main() -> None:
         f"\n{len(paths)} slides of {args.width}x{args.height} px, {n} tiles of {args.tile_size} "
         f"px at 0.5 um/px, {args.workers} workers"
     )
-    if args.repeat > 1:
-        print(f"the run with the median ratio of {args.repeat} (stages: the last run):")
+    if args.repeats > 1:
+        print(f"the run with the median ratio of {args.repeats} (stages: the last run):")
     print(f"{'':12}{'tiles/s':>10}{'seconds':>10}")
     for name, seconds in (("histoduo", ours_s), ("limit", limit_s), ("reference", ref_s)):
         print(f"{name:12}{n / seconds:10.0f}{seconds:10.2f}")

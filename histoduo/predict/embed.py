@@ -240,7 +240,9 @@ def embed_store(
         if unknown:
             raise EmbedError(store_path, f"no such slides in the store: {unknown[:5]}")
         records = {name: store.record(name) for name in slides}
-        qc_checked = {name for name in slides if store.qc_info(name) is not None}
+        # the --qc each slide was tiled with; absent: QC never checked it
+        qc_infos = {name: store.qc_info(name) for name in slides}
+        qc_modes = {name: info.get("mode") for name, info in qc_infos.items() if info is not None}
         require_pixels(store)  # a coordinates-only store: say so before loading anything
     if encoder is None:
         try:
@@ -263,7 +265,7 @@ def embed_store(
         remove_stale_temporaries(folder)
         for name, record in records.items():
             path = feature_file_path(folder, name)
-            checked_here = name in qc_checked
+            checked_here = name in qc_modes
             if not params.overwrite and _is_current(path, spec, digest, record, checked_here):
                 result.status[name] = "skipped"
                 progress.slide_done()
@@ -281,7 +283,6 @@ def embed_store(
                 with TileStore(store_path) as store:
                     coords = store.coords(name)
                     checked = store.qc(name)  # kept beside the features for train-mil
-                    qc_mode = (store.qc_info(name) or {}).get("mode")
                 features = embedder.embed_slide(store_path, name, record.n_tiles, on_batch)
                 info = FeatureInfo(
                     slide=name,
@@ -314,7 +315,7 @@ def embed_store(
                     record.trident_attrs(),
                     dtype=_storage_dtype(features, params.feature_dtype),
                     qc_flags=None if checked is None else checked["qc_flags"],
-                    qc_mode=qc_mode,
+                    qc_mode=qc_modes.get(name),
                 )
             except HistoduoError as err:
                 if not params.skip_errors:
